@@ -14,16 +14,34 @@ itself (``time_input='sigma'``, for continuous-time networks).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .conditioning import Cond
-from .schedule import DiscreteSchedule
+from .schedule import DiscreteSchedule, ScheduleConfig
 
 PREDICTIONS = ("eps", "v", "x0")
 TIME_INPUTS = ("timestep", "sigma")
+
+
+
+@dataclass
+class DiffusionConfig:
+    """How a network relates to the noise: its training schedule and what it predicts."""
+
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    prediction: str = "eps"  # eps | v | x0
+    time_input: str = "timestep"  # timestep (discrete, via the schedule) | sigma (continuous)
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"diffusion.prediction: unknown value {self.prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+        if self.time_input not in TIME_INPUTS:
+            raise ValueError(f"diffusion.time_input: unknown value {self.time_input!r}; allowed: {', '.join(TIME_INPUTS)}")
+
 
 # net(x_in (B, C, H, W), t (B,), cond) -> prediction (B, C, H, W)
 Network = Callable[[Tensor, Tensor, "Cond | None"], Tensor]
@@ -82,6 +100,10 @@ class Denoiser(nn.Module):
         self.prediction = prediction
         self.time_input = time_input
         self.quantize = quantize  # round t to the nearest training timestep (diffusers' DPM-Solver/UniPC + Karras)
+
+    @classmethod
+    def from_config(cls, net: Network, cfg: DiffusionConfig, quantize: bool = False) -> "Denoiser":
+        return cls(net, DiscreteSchedule(cfg.schedule), cfg.prediction, cfg.time_input, quantize)
 
     def sigma_to_input(self, sigma: Tensor) -> Tensor:
         """The network's time input for sigma: (B,) -> (B,)."""
