@@ -20,6 +20,8 @@ from torch import Tensor
 BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 SIGMA_SPACINGS = ("discrete", "karras", "exponential")
+# How diffusers' scheduler families place the steps (see DiscreteSchedule.sample_sigmas).
+CONVENTIONS = ("euler", "ddim", "multistep")
 
 
 @dataclass
@@ -165,20 +167,33 @@ class DiscreteSchedule:
         steps_offset: int = 0,
         final: str = "zero",
         rho: float = 7.0,
+        convention: str = "euler",
     ) -> Tensor:
         """(steps + 1,) float64 sigmas from high to low, ending at 0 (``final='zero'``) or at sigma_min.
 
-        ``sigma_spacing`` = ``discrete`` takes the sigmas of the spaced timesteps; ``karras`` (EDM eq. 5, rho=7)
-        and ``exponential`` (log-linear) span the same [sigma_min, sigma_max] of those timesteps, as diffusers'
-        ``use_karras_sigmas`` / ``use_exponential_sigmas`` do.
+        ``sigma_spacing`` = ``discrete`` takes the sigmas of the spaced timesteps; ``karras`` (EDM eq. 5) and
+        ``exponential`` (log-linear) respace them, as diffusers' ``use_karras_sigmas`` / ``use_exponential_sigmas``.
+        ``convention`` reproduces where each diffusers scheduler family puts the steps:
+
+        - ``euler`` (Euler, Euler a, Heun, DPM2, LMS): ``steps`` spaced timesteps, fractional for linspace;
+          Karras/exponential span the spaced range;
+        - ``ddim`` (DDIM, DDPM, PNDM): as ``euler`` but linspace timesteps are rounded;
+        - ``multistep`` (DPM-Solver multistep, UniPC): linspace/leading space ``steps + 1`` points and drop the
+          last, rounded; Karras/exponential span the whole training range [sigmas[0], sigmas[-1]].
         """
         _choice("sigma spacing", sigma_spacing, SIGMA_SPACINGS)
-        t = self.timesteps(steps, spacing, steps_offset)
+        _choice("convention", convention, CONVENTIONS)
+        check_steps(steps)
+        if convention == "multistep" and spacing != "trailing":
+            t = self.timesteps(steps + 1, spacing, steps_offset, round_linspace=True)[:-1]
+        else:
+            t = self.timesteps(steps, spacing, steps_offset, round_linspace=convention != "euler")
         s = self.t_to_sigma(t)
+        lo, hi = (self.sigma_min, self.sigma_max) if convention == "multistep" else (float(s[-1]), float(s[0]))
         if sigma_spacing == "karras":
-            s = karras_sigmas(steps, float(s[-1]), float(s[0]), rho)
+            s = karras_sigmas(steps, lo, hi, rho)
         elif sigma_spacing == "exponential":
-            s = exponential_sigmas(steps, float(s[-1]), float(s[0]))
+            s = exponential_sigmas(steps, lo, hi)
         return append_final(s, final, self.sigma_min)
 
 

@@ -122,3 +122,26 @@ def test_bad_spacings():
 def test_bad_sigmas(sigmas, msg):
     with pytest.raises(ValueError, match=msg):
         check_sigmas(torch.tensor(sigmas))
+
+
+@pytest.mark.parametrize("cls_name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("karras", [False, True])
+def test_multistep_convention_matches_diffusers(cls_name, spacing, karras):
+    import diffusers
+
+    ref = getattr(diffusers, cls_name)(**SD_SCHEDULE, timestep_spacing=spacing, steps_offset=1, use_karras_sigmas=karras)
+    ref.set_timesteps(25)
+    ours = DiscreteSchedule().sample_sigmas(25, spacing, "karras" if karras else "discrete", 1, convention="multistep")
+    # float32 tables in diffusers: 1 - alphas_cumprod[0] loses ~1e-5 relative at sigma_min
+    torch.testing.assert_close(ours, ref.sigmas.double(), rtol=2e-5, atol=0)
+
+
+def test_ddim_convention_rounds_linspace():
+    ref = DDIMScheduler(**SD_SCHEDULE, timestep_spacing="linspace")
+    ref.set_timesteps(7)
+    ours = DiscreteSchedule().sample_sigmas(7, "linspace", convention="ddim", final="sigma_min")
+    sched = DiscreteSchedule()
+    torch.testing.assert_close(ours[:-1], sched.t_to_sigma(ref.timesteps.double()), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="allowed: euler, ddim, multistep"):
+        sched.sample_sigmas(7, convention="k-diffusion")
