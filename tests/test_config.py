@@ -20,8 +20,8 @@ from ldm.samplers.config import SamplerConfig, make_sigmas
 from ldm.schedule import DiscreteSchedule, ScheduleConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLER_KEYS = ["name", "steps", "sigma_spacing", "timestep_spacing", "steps_offset", "final", "rho", "eta",
-                "cfg_scale", "guidance_rescale", "seed"]
+SAMPLER_KEYS = ["name", "steps", "sigma_spacing", "timestep_spacing", "steps_offset", "final", "rho", "convention",
+                "eta", "cfg_scale", "guidance_rescale", "seed"]
 
 
 def raises(source=None, overrides=(), cls=None) -> str:
@@ -47,7 +47,7 @@ def test_defaults():
     s = cfg.sampler
     assert (s.name, s.sigma_spacing, s.timestep_spacing, s.steps_offset, s.final) == (
         "dpmpp_2m", "discrete", "leading", 1, "zero")
-    assert (s.rho, s.eta, s.cfg_scale, s.guidance_rescale, s.seed) == (7.0, 1.0, 7.5, 0.0, None)
+    assert (s.rho, s.eta, s.cfg_scale, s.guidance_rescale, s.seed) == (7.0, None, 7.5, 0.0, None)
 
 
 def test_yaml_then_overrides_precedence(tmp_path):
@@ -59,7 +59,7 @@ def test_yaml_then_overrides_precedence(tmp_path):
     assert cfg.sampler.seed == 7  # the last override wins
     assert cfg.diffusion.prediction == "v"
     assert cfg.diffusion.schedule.zero_terminal_snr is True
-    assert cfg.sampler.eta == 1.0  # untouched default
+    assert cfg.sampler.eta is None  # untouched default
     assert isinstance(cfg, RunConfig) and isinstance(cfg.sampler, SamplerConfig)
 
 
@@ -187,7 +187,7 @@ def test_sampler_name_validated_against_registry():
     ("sampler.steps=0", "sampler.steps", ">= 1"),
     ("sampler.guidance_rescale=1.5", "sampler.guidance_rescale", "[0, 1]"),
     ("sampler.cfg_scale=-1", "sampler.cfg_scale", ">= 0"),
-    ("sampler.eta=-0.5", "sampler.eta", ">= 0"),
+    ("sampler.eta=0.5", "sampler.eta", "has no eta"),  # the default dpmpp_2m is deterministic
     ("sampler.rho=0", "sampler.rho", "> 0"),
     ("sampler.seed=-1", "sampler.seed", "2**64"),
 ])
@@ -265,7 +265,7 @@ def test_choice_helper_in_new_configs():
 
 @pytest.mark.parametrize("name", list_presets())
 def test_yaml_round_trip(name):
-    cfg = load_config(RunConfig, name, ["sampler.seed=123", "sampler.eta=0.25"])
+    cfg = load_config(RunConfig, name, ["sampler.seed=123", "sampler.name=ddim", "sampler.eta=0.25"])
     assert config_from_yaml_text(RunConfig, to_yaml(cfg)) == cfg
 
 
@@ -329,3 +329,30 @@ def test_no_import_cycle_between_config_modules():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "dpmpp_2m"
+
+
+def test_eta_range_and_sampler_options():
+    from ldm.samplers.config import sampler_options
+
+    with pytest.raises(ConfigError, match="sampler.eta: must be >= 0"):
+        load_config(RunConfig, None, ["sampler.name=ddim", "sampler.eta=-0.5"])
+    cfg = load_config(RunConfig, None, ["sampler.name=ddim", "sampler.eta=0.3"])
+    assert sampler_options(cfg.sampler) == {"eta": 0.3}
+    assert sampler_options(load_config(RunConfig).sampler) == {}
+
+
+@pytest.mark.parametrize("name, cls_name", [("dpmpp_2m", "DPMSolverMultistepScheduler"), ("ddim", "DDIMScheduler"),
+                                            ("euler", "EulerDiscreteScheduler")])
+def test_make_sigmas_follows_the_diffusers_scheduler_of_each_sampler(name, cls_name):
+    import diffusers
+
+    ref = getattr(diffusers, cls_name)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       timestep_spacing="linspace")
+    ref.set_timesteps(20)
+    cfg = SamplerConfig(name=name, steps=20, timestep_spacing="linspace", steps_offset=0)
+    sig = make_sigmas(DiscreteSchedule(), cfg)
+    ref_sig = ref.sigmas.double() if hasattr(ref, "sigmas") else None
+    if ref_sig is None:  # DDIM has no sigma table: compare its timesteps
+        assert DiscreteSchedule().sigma_to_t(sig[:-1]).round().long().tolist() == ref.timesteps.tolist()
+    else:
+        torch.testing.assert_close(sig, ref_sig, rtol=2e-5, atol=0)  # float32 tables in diffusers

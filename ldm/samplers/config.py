@@ -13,9 +13,18 @@ from typing import Optional
 from torch import Tensor
 
 from ..config import check_choices, choice
-from ..schedule import SIGMA_SPACINGS, TIMESTEP_SPACINGS, DiscreteSchedule
+from ..schedule import CONVENTIONS, SIGMA_SPACINGS, TIMESTEP_SPACINGS, DiscreteSchedule
 
 FINALS = ("zero", "sigma_min")
+
+# Where diffusers' scheduler of the same algorithm puts the steps (DiscreteSchedule.sample_sigmas), so that
+# a sampler name + spacing reproduces that scheduler's trajectory.
+DEFAULT_CONVENTION = {
+    "ddpm": "ddim", "ddim": "ddim", "plms": "ddim",
+    "dpmpp_2m": "multistep", "dpmpp_2m_sde": "multistep", "dpmpp_3m_sde": "multistep", "unipc": "multistep",
+}
+# Samplers with a noise scale ``eta`` (0 = deterministic).
+TAKES_ETA = ("ddim", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")
 
 
 @dataclass
@@ -27,7 +36,8 @@ class SamplerConfig:
     steps_offset: int = 1  # added to 'leading' timesteps; 1 in SD's scheduler configs
     final: str = choice("zero", *FINALS)  # last sigma: 0 (denoise fully) or the schedule's sigma_min
     rho: float = 7.0  # Karras et al. 2022, eq. 5
-    eta: float = 1.0  # noise scale of ancestral / SDE samplers (0 = deterministic)
+    convention: Optional[str] = None  # euler | ddim | multistep step placement; null = as diffusers does for this sampler
+    eta: Optional[float] = None  # noise scale of DDIM / ancestral / SDE samplers; null = the sampler's default
     cfg_scale: float = 7.5  # classifier-free guidance scale (1 = no guidance)
     guidance_rescale: float = 0.0  # Lin et al. 2023, sec. 3.4 (0.7 recommended with zero-terminal SNR)
     seed: Optional[int] = None  # None = random  (Optional, not `int | None`: omegaconf 2.3 needs typing.Optional)
@@ -44,8 +54,13 @@ class SamplerConfig:
             raise ValueError(f"sampler.steps_offset: must be an integer >= 0, got {self.steps_offset!r}")
         if not self.rho > 0:
             raise ValueError(f"sampler.rho: must be > 0, got {self.rho!r}")
-        if not self.eta >= 0:
-            raise ValueError(f"sampler.eta: must be >= 0, got {self.eta!r}")
+        if self.convention is not None and self.convention not in CONVENTIONS:
+            raise ValueError(f"sampler.convention: unknown value {self.convention!r}; allowed: null, {', '.join(CONVENTIONS)}")
+        if self.eta is not None:
+            if self.name not in TAKES_ETA:
+                raise ValueError(f"sampler.eta: sampler {self.name!r} has no eta; samplers with eta: {', '.join(TAKES_ETA)}")
+            if not self.eta >= 0:
+                raise ValueError(f"sampler.eta: must be >= 0, got {self.eta!r}")
         if not self.cfg_scale >= 0:
             raise ValueError(f"sampler.cfg_scale: must be >= 0, got {self.cfg_scale!r}")
         if not 0 <= self.guidance_rescale <= 1:
@@ -60,6 +75,12 @@ def _is_int(v: object) -> bool:
 
 def make_sigmas(schedule: DiscreteSchedule, cfg: SamplerConfig) -> Tensor:
     """(cfg.steps + 1,) float64 sigmas, high to low, for ``cfg`` on the model's ``schedule``."""
+    convention = cfg.convention or DEFAULT_CONVENTION.get(cfg.name, "euler")
     return schedule.sample_sigmas(
-        cfg.steps, cfg.timestep_spacing, cfg.sigma_spacing, cfg.steps_offset, cfg.final, cfg.rho
+        cfg.steps, cfg.timestep_spacing, cfg.sigma_spacing, cfg.steps_offset, cfg.final, cfg.rho, convention
     )
+
+
+def sampler_options(cfg: SamplerConfig) -> dict:
+    """Keyword options for the sampler function beyond the common signature."""
+    return {} if cfg.eta is None else {"eta": cfg.eta}
