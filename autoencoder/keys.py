@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from autoencoder.vae import AutoencoderConfig
+from ldm.vae_config import AutoencoderConfig
 
 ATTN_PROJ = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}  # ours -> diffusers
 DEPRECATED_DIFFUSERS_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}

@@ -11,44 +11,14 @@ bigG's alone (the pipeline appends the size / crop embeddings to it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from text_encoder.encoder import ClipTextEncoder, TextEncoderConfig
+from ldm.text_config import SDXLTextConfig
 
-
-@dataclass(frozen=True)
-class SDXLTextConfig:
-    clip_l: TextEncoderConfig = field(default_factory=TextEncoderConfig.sdxl_clip_l)
-    bigg: TextEncoderConfig = field(default_factory=TextEncoderConfig.sdxl_bigg)
-
-    def __post_init__(self):
-        for name in ("clip_l", "bigg"):
-            if not isinstance(getattr(self, name), TextEncoderConfig):
-                raise ValueError(f"SDXLTextConfig.{name} must be a TextEncoderConfig")
-        if self.clip_l.context_length != self.bigg.context_length:
-            raise ValueError(
-                f"SDXLTextConfig: clip_l.context_length ({self.clip_l.context_length}) must equal "
-                f"bigg.context_length ({self.bigg.context_length}) to concatenate the tokens"
-            )
-        if not self.bigg.return_pooled:
-            raise ValueError("SDXLTextConfig.bigg.return_pooled must be True: SDXL's pooled vector comes from bigG")
-
-    @classmethod
-    def tiny(cls) -> "SDXLTextConfig":
-        """Both towers at test size (see TextEncoderConfig.tiny)."""
-        return cls(clip_l=TextEncoderConfig.sdxl_clip_l().tiny(), bigg=TextEncoderConfig.sdxl_bigg().tiny())
-
-    @property
-    def context_dim(self) -> int:
-        return self.clip_l.width + self.bigg.width  # 768 + 1280 = 2048
-
-    @property
-    def pooled_dim(self) -> int:
-        return self.bigg.projection_dim or self.bigg.width  # 1280
+from text_encoder.encoder import ClipTextEncoder
 
 
 class SDXLTextEncoders(nn.Module):

@@ -24,12 +24,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor
 
-VOCAB_SIZE = 49408
-SOT_ID = 49406  # <start_of_text>
-EOT_ID = 49407  # <end_of_text>
-PAD_OPENAI = EOT_ID  # SD 1.x, SDXL CLIP-L (transformers CLIPTokenizer pads with <|endoftext|>)
-PAD_OPENCLIP = 0  # SD 2.x, SDXL bigG (open_clip.tokenize pads with zeros)
-CONTEXT_LENGTH = 77
+from ldm.text_config import CONTEXT_LENGTH, EOT_ID, PAD_OPENAI, PAD_OPENCLIP, SOT_ID, VOCAB_SIZE  # noqa: F401
 
 
 @lru_cache(maxsize=1)
