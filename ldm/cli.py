@@ -25,7 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     _register_builtin(sub)
     for ep in sorted(entry_points(group="ldm.commands"), key=lambda e: e.name):
-        ep.load()(sub)
+        try:
+            register = ep.load()
+        except Exception as e:  # a broken plugin must not take `ldm --help` down with it
+            print(f"ldm: warning: command {ep.name!r} ({ep.value}) failed to load: {e}", file=sys.stderr)
+            continue
+        register(sub)
     return parser
 
 
