@@ -1,0 +1,123 @@
+"""Scaled dot-product attention (Vaswani et al. 2017) with interchangeable backends.
+
+``attention(q, k, v, backend, kernel)`` takes and returns tensors laid out as (B, heads, L, d):
+
+- ``sdpa`` (default): ``torch.nn.functional.scaled_dot_product_attention``. ``kernel`` pins PyTorch's
+  implementation through ``torch.nn.attention.sdpa_kernel``: ``auto`` (PyTorch chooses), ``cudnn``,
+  ``flash`` (Dao et al. 2022), ``efficient`` (Rabe & Staats 2021, memory-efficient) or ``math``.
+- ``xformers``: ``xformers.ops.memory_efficient_attention`` if xformers is installed AND works on the
+  tensors' device. It is probed once per device with a tiny call; a build for another torch or CUDA
+  fails there, and then this module warns once with the reason and uses ``sdpa`` from then on.
+- ``math``: the formula itself, ``softmax(Q K^T / sqrt(d)) V``, computed in fp32 (scores, softmax and
+  the weighted sum) and cast back to the input dtype. The slow, plain reference.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = ("sdpa", "xformers", "math")
+SDPA_KERNELS = {
+    "auto": None,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def check_backend(backend: str, kernel: str = "auto") -> None:
+    """Raise a ValueError naming the argument if ``backend`` or ``kernel`` is not one we know."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention: unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if kernel not in SDPA_KERNELS:
+        raise ValueError(f"sdpa_kernel: unknown value {kernel!r}; allowed: {', '.join(SDPA_KERNELS)}")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa", kernel: str = "auto") -> Tensor:
+    """q (B, heads, Lq, d), k and v (B, heads, Lk, d) -> (B, heads, Lq, d); no mask, no dropout."""
+    if backend == "sdpa":
+        return _sdpa(q, k, v, kernel)
+    if backend == "math":
+        return math_attention(q, k, v)
+    if backend == "xformers":
+        xops = _xformers_ops(q.device)
+        if xops is None:  # not installed or not usable here: warned once, fall back
+            return _sdpa(q, k, v, kernel)
+        # xformers wants (B, L, heads, d); the transposes are views, the output comes back as one.
+        return xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    check_backend(backend, kernel)
+    raise AssertionError("unreachable")
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, kernel: str) -> Tensor:
+    if kernel == "auto":
+        return F.scaled_dot_product_attention(q, k, v)
+    with sdpa_context(kernel):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def sdpa_context(kernel: str):
+    """A context pinning SDPA's kernel (a no-op for 'auto'). Entering one costs tens of microseconds, so a
+    network with many attention layers enters it once around its forward (ldm/unet.py), not per call."""
+    if kernel not in SDPA_KERNELS:
+        check_backend("sdpa", kernel)
+    choice = SDPA_KERNELS[kernel]
+    return contextlib.nullcontext() if choice is None else sdpa_kernel(choice)
+
+
+def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The reference: softmax(Q K^T / sqrt(d)) V, all in fp32. Shapes as in ``attention``."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, heads, Lq, Lk)
+    weights = scores.softmax(dim=-1)
+    return (weights @ v.float()).to(q.dtype)  # (B, heads, Lq, d)
+
+
+# ---- xformers: import and probe once per device --------------------------------------------------
+
+_xformers_probe: dict[str, object] = {}  # device string -> xformers.ops module, or None if unusable
+_xformers_warned = False
+
+
+def _xformers_ops(device: torch.device):
+    key = str(device)
+    if key not in _xformers_probe:
+        ops, reason = _probe_xformers(device)
+        _xformers_probe[key] = ops
+        if ops is None:
+            global _xformers_warned
+            if not _xformers_warned:
+                _xformers_warned = True
+                warnings.warn(
+                    f"attention backend 'xformers' is not usable ({reason}); using 'sdpa' instead",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+    return _xformers_probe[key]
+
+
+def _probe_xformers(device: torch.device):
+    """(xformers.ops, None) if a tiny attention call works on ``device``, else (None, reason)."""
+    try:
+        import xformers.ops as xops
+    except Exception as e:  # ImportError, or a broken build raising at import
+        return None, f"import failed: {type(e).__name__}: {e}"
+    try:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        x = torch.zeros(1, 2, 1, 8, device=device, dtype=dtype)  # (B, L, heads, d)
+        xops.memory_efficient_attention(x, x, x)
+    except Exception as e:  # e.g. "no operator found", a build for another torch/CUDA
+        return None, f"probe on {device} failed: {type(e).__name__}: {e}"
+    return xops, None
+
+
+def xformers_available(device: torch.device | str = "cuda") -> bool:
+    """Whether the 'xformers' backend will really run xformers on ``device`` (probes once)."""
+    return _xformers_ops(torch.device(device)) is not None

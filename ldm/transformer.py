@@ -1,0 +1,152 @@
+"""The U-Net's attention layers: SpatialTransformer, BasicTransformerBlock, CrossAttention, GEGLU FeedForward.
+
+Rombach et al. 2022 (LDM), section 3.3: image features attend to conditioning tokens (text) through
+cross-attention inside a small pre-norm transformer (Vaswani et al. 2017) applied to the flattened
+feature map. Names and shapes follow the original ``ldm/modules/attention.py`` so original checkpoints
+load as they are; diffusers' ``Transformer2DModel`` uses the same names below the block level.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import attention
+from .unet_blocks import zero_module
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``x`` on ``context`` (on ``x`` itself when ``context_dim`` is None)."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        dim_head: int,
+        context_dim: int | None = None,
+        dropout: float = 0.0,
+        backend: str = "sdpa",
+        kernel: str = "auto",
+    ):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.backend = backend
+        self.kernel = kernel
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        # x: (B, L, C); context: (B, T, D) or None for self-attention
+        context = x if context is None else context
+        B, L, _ = x.shape
+        q = self.to_q(x).view(B, L, self.heads, -1).transpose(1, 2)  # (B, nh, L, hs)
+        k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, nh, T, hs)
+        out = attention(q, k, v, self.backend, self.kernel)  # (B, nh, L, hs)
+        out = out.transpose(1, 2).reshape(B, L, -1)  # (B, L, nh * hs)
+        return self.to_out(out)  # (B, L, C)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020, "GLU Variants Improve Transformer"): a * gelu(b), [a, b] = proj(x)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU MLP with a 4x hidden width: net.0 = GEGLU, net.1 = dropout, net.2 = output projection."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention on the context, GEGLU feed-forward."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        context_dim: int,
+        dropout: float = 0.0,
+        backend: str = "sdpa",
+        kernel: str = "auto",
+    ):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads, dim_head, None, dropout, backend, kernel)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim, dropout, backend, kernel)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        # x: (B, L, C); context: (B, T, D)
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        x = self.ff(self.norm3(x)) + x
+        return x
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the H*W positions of a feature map, added back as a residual.
+
+    ``use_linear``: proj_in / proj_out are Linear layers on (B, HW, C) (SD 2.x, SDXL) instead of
+    1x1 convolutions on (B, C, H, W) (SD 1.x). The same function; the weights differ only in shape.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        dim_head: int,
+        depth: int,
+        context_dim: int,
+        use_linear: bool = False,
+        dropout: float = 0.0,
+        groups: int = 32,
+        backend: str = "sdpa",
+        kernel: str = "auto",
+    ):
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout, backend, kernel) for _ in range(depth)
+        )
+        self.proj_out = zero_module(nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1))
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        # x: (B, C, H, W); context: (B, T, D)
+        B, _, H, W = x.shape
+        h = self.norm(x)
+        if not self.use_linear:
+            h = self.proj_in(h)  # (B, inner, H, W)
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, -1)  # (B, HW, inner or C)
+        if self.use_linear:
+            h = self.proj_in(h)  # (B, HW, inner)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.use_linear:
+            h = self.proj_out(h)  # (B, HW, C)
+        h = h.reshape(B, H, W, -1).permute(0, 3, 1, 2)  # (B, C or inner, H, W), a strided view
+        if not self.use_linear:
+            h = self.proj_out(h.contiguous())  # (B, C, H, W); contiguous as the original, so the conv stays NCHW
+        return x + h  # x first: the sum takes x's (NCHW) layout

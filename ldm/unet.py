@@ -1,0 +1,351 @@
+"""The Stable Diffusion U-Net: ``UNetConfig`` and ``UNet``, SD 1.x / 2.x / XL shapes from config alone.
+
+Rombach et al. 2022 (LDM): the ADM U-Net of Dhariwal & Nichol 2021 (ResBlocks on a sinusoidal time
+embedding, Ho et al. 2020) with SpatialTransformers for cross-attention on text tokens; Podell et al. 2023
+(SDXL) adds a vector condition through ``label_emb`` and puts deeper transformers on the lower levels.
+
+Layout, names and parameter shapes are those of the original ``openaimodel.UNetModel`` (LDM / SGM), so
+an original checkpoint's ``model.diffusion_model.*`` keys load after stripping that prefix; diffusers'
+``UNet2DConditionModel`` layout is translated by ``ldm/unet_keys.py``. With ``n = num_res_blocks``:
+
+    input_blocks.0.0                      conv_in 3x3: in_channels -> model_channels
+    input_blocks.{1 + l(n+1) + j}         ResBlock [+ SpatialTransformer]   level l, j < n
+    input_blocks.{1 + l(n+1) + n}.0.op    Downsample                        every level but the last
+    middle_block.0 / .1 / .2              ResBlock, SpatialTransformer, ResBlock
+    output_blocks.{u(n+1) + j}            ResBlock [+ SpatialTransformer] [+ Upsample]   u = L-1-l, j <= n
+    out.0 / out.2                         GroupNorm, (SiLU), conv_out 3x3
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import check_backend, sdpa_context
+from .conditioning import Cond
+from .transformer import CrossAttention, SpatialTransformer
+from .unet_blocks import Downsample, ResBlock, Upsample, timestep_embedding, zero_module
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4  # latent channels + concatenated condition channels (9 for SD inpainting)
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # channels per level = model_channels * mult
+    num_res_blocks: int = 2  # ResBlocks per level on the way down (one more on the way up)
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 0)  # transformer blocks per level; 0 = no attention there
+    transformer_depth_middle: int = 1
+    num_heads: int = 8  # heads per attention layer, used when num_head_channels == -1 (SD 1.x)
+    num_head_channels: int = -1  # if > 0: fixed head width, heads = channels // num_head_channels (SD 2.x, XL)
+    context_dim: int = 768  # width of the cross-attention tokens (cond.context)
+    use_linear_in_transformer: bool = False  # proj_in/proj_out as Linear (SD 2.x, XL) instead of 1x1 Conv2d
+    adm_in_channels: int = 0  # width of cond.vector fed through label_emb; 0 = no vector condition
+    use_scale_shift_norm: bool = False  # ResBlock: AdaGN scale-shift instead of adding the embedding
+    norm_groups: int = 32
+    dropout: float = 0.0
+    attention: str = "sdpa"  # sdpa | xformers | math (ldm/attention.py)
+    sdpa_kernel: str = "auto"  # auto | cudnn | flash | efficient | math
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        self.channel_mult = tuple(self.channel_mult)  # YAML / OmegaConf hand in lists
+        self.transformer_depth = tuple(self.transformer_depth)
+        check_backend(self.attention, self.sdpa_kernel)
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "norm_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"unet.{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"unet.channel_mult: needs one or more positive multipliers, got {self.channel_mult}")
+        if len(self.transformer_depth) != len(self.channel_mult) or min(self.transformer_depth) < 0:
+            raise ValueError(
+                f"unet.transformer_depth: needs one depth >= 0 per level ({len(self.channel_mult)} levels), "
+                f"got {self.transformer_depth}"
+            )
+        if self.transformer_depth_middle < 1:
+            raise ValueError(f"unet.transformer_depth_middle: must be >= 1, got {self.transformer_depth_middle}")
+        if self.num_head_channels == -1 and self.num_heads < 1:
+            raise ValueError("unet.num_heads: must be >= 1 when num_head_channels is -1")
+        if self.num_head_channels != -1 and self.num_head_channels < 1:
+            raise ValueError(f"unet.num_head_channels: must be -1 or >= 1, got {self.num_head_channels}")
+        if self.context_dim < 1:
+            raise ValueError(f"unet.context_dim: must be >= 1, got {self.context_dim}")
+        if self.adm_in_channels < 0:
+            raise ValueError(f"unet.adm_in_channels: must be >= 0, got {self.adm_in_channels}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"unet.dropout: must be in [0, 1), got {self.dropout}")
+        for level, mult in enumerate(self.channel_mult):
+            ch = self.model_channels * mult
+            if ch % self.norm_groups:
+                raise ValueError(
+                    f"unet.model_channels * channel_mult[{level}] = {ch} is not divisible by "
+                    f"norm_groups={self.norm_groups}"
+                )
+            if self.transformer_depth[level] or level == len(self.channel_mult) - 1:  # last level: middle block
+                self.heads(ch)
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(heads, dim_head) of a transformer on ``channels`` channels, as the original computes them."""
+        if self.num_head_channels == -1:
+            if channels % self.num_heads:
+                raise ValueError(f"unet.num_heads={self.num_heads} does not divide a level's {channels} channels")
+            return self.num_heads, channels // self.num_heads
+        if channels % self.num_head_channels:
+            raise ValueError(
+                f"unet.num_head_channels={self.num_head_channels} does not divide a level's {channels} channels"
+            )
+        return channels // self.num_head_channels, self.num_head_channels
+
+    # ---- presets: the published networks (original yaml configs) ----
+
+    @classmethod
+    def sd15(cls, **overrides: Any) -> "UNetConfig":
+        """SD 1.x (v1-inference.yaml); ``sd15(in_channels=9)`` is the inpainting U-Net."""
+        return cls(**overrides)
+
+    @classmethod
+    def sd21(cls, **overrides: Any) -> "UNetConfig":
+        """SD 2.x (v2-inference(-v).yaml): 64-wide heads, linear projections, OpenCLIP ViT-H tokens."""
+        kw = dict(num_head_channels=64, use_linear_in_transformer=True, context_dim=1024)
+        return cls(**{**kw, **overrides})
+
+    @classmethod
+    def sdxl_base(cls, **overrides: Any) -> "UNetConfig":
+        """SDXL 1.0 base (sd_xl_base.yaml): three levels, no attention on the first, 2816-wide vector."""
+        kw = dict(
+            channel_mult=(1, 2, 4),
+            transformer_depth=(0, 2, 10),
+            transformer_depth_middle=10,
+            num_head_channels=64,
+            use_linear_in_transformer=True,
+            context_dim=2048,
+            adm_in_channels=2816,
+        )
+        return cls(**{**kw, **overrides})
+
+    def tiny(self, **overrides: Any) -> "UNetConfig":
+        """A test-sized copy with the same shape features (levels, which levels attend, head rule, linear
+        projections, vector condition): 32 base channels, multipliers and depths capped at 2, small widths."""
+        kw = dict(
+            model_channels=32,
+            channel_mult=tuple(min(m, 2) for m in self.channel_mult),
+            transformer_depth=tuple(min(d, 2) for d in self.transformer_depth),
+            transformer_depth_middle=min(self.transformer_depth_middle, 2),
+            num_heads=2,
+            num_head_channels=16 if self.num_head_channels != -1 else -1,
+            context_dim=24,
+            adm_in_channels=40 if self.adm_in_channels else 0,
+            norm_groups=8,
+        )
+        return replace(self, **{**kw, **overrides})
+
+    @classmethod
+    def from_original(cls, params: Mapping[str, Any], **overrides: Any) -> "UNetConfig":
+        """From an original LDM/SGM yaml's ``unet_config.params`` / ``network_config.params``.
+
+        The original marks attention levels by downsampling factor (``attention_resolutions``: 1, 2, 4 ...)
+        and gives one depth or one per level; here a level's depth is 0 where it has no attention.
+        ``use_checkpoint`` (a training setting) is not carried over: set ``gradient_checkpointing``."""
+        mult = tuple(params["channel_mult"])
+        depth = params.get("transformer_depth", 1)
+        depth = [depth] * len(mult) if isinstance(depth, int) else list(depth)
+        attn = set(params.get("attention_resolutions", ()))
+        res = params.get("num_res_blocks", 2)
+        if not isinstance(res, int):
+            if len(set(res)) != 1:
+                raise ValueError(f"num_res_blocks: one count for every level is supported, got {res}")
+            res = res[0]
+        if not isinstance(params.get("context_dim", 768), int):
+            raise ValueError(f"context_dim: one width for every level is supported, got {params['context_dim']}")
+        kw = dict(
+            in_channels=params["in_channels"],
+            out_channels=params["out_channels"],
+            model_channels=params["model_channels"],
+            channel_mult=mult,
+            num_res_blocks=res,
+            transformer_depth=tuple(depth[l] if 2**l in attn else 0 for l in range(len(mult))),
+            transformer_depth_middle=params.get("transformer_depth_middle") or depth[-1],
+            num_heads=params.get("num_heads", cls.num_heads),
+            num_head_channels=params.get("num_head_channels", -1),
+            context_dim=params.get("context_dim", 768),
+            use_linear_in_transformer=params.get("use_linear_in_transformer", False),
+            adm_in_channels=params.get("adm_in_channels", 0) if params.get("num_classes") == "sequential" else 0,
+            use_scale_shift_norm=params.get("use_scale_shift_norm", False),
+            dropout=params.get("dropout", 0.0),
+        )
+        return cls(**{**kw, **overrides})
+
+
+class EmbedSequential(nn.Sequential):
+    """The original TimestepEmbedSequential: hands each layer what it needs (emb, context, output size)."""
+
+    def forward(self, h: Tensor, emb: Tensor, context: Tensor | None, size=None) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, SpatialTransformer):
+                h = layer(h, context)
+            elif isinstance(layer, Upsample):
+                h = layer(h, size)
+            else:
+                h = layer(h)
+        return h
+
+
+class UNet(nn.Module):
+    """``net(x (B, C, H, W), t (B,), cond) -> (B, out_channels, H, W)``; see the module docstring for the layout."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gradient_checkpointing = cfg.gradient_checkpointing
+        self.sdpa_kernel = cfg.sdpa_kernel
+        mc, n, L = cfg.model_channels, cfg.num_res_blocks, len(cfg.channel_mult)
+        emb_dim = 4 * mc
+
+        def res(ch_in: int, ch_out: int) -> ResBlock:
+            return ResBlock(ch_in, emb_dim, ch_out, cfg.dropout, cfg.use_scale_shift_norm, cfg.norm_groups)
+
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
+            heads, dim_head = cfg.heads(ch)
+            # Kernel "auto" in the layers: forward pins cfg.sdpa_kernel once around the whole network.
+            return SpatialTransformer(
+                ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer,
+                cfg.dropout, cfg.norm_groups, cfg.attention, "auto",
+            )  # fmt: skip
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = None
+        if cfg.adm_in_channels:  # the original's num_classes="sequential"
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
+
+        # Down: ch tracks the current width; skip_chs the width of every skip connection, in order.
+        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        ch, skip_chs = mc, [mc]
+        for level, mult in enumerate(cfg.channel_mult):
+            depth = cfg.transformer_depth[level]
+            for _ in range(n):
+                layers = [res(ch, mc * mult)]
+                ch = mc * mult
+                if depth:
+                    layers.append(transformer(ch, depth))
+                self.input_blocks.append(EmbedSequential(*layers))
+                skip_chs.append(ch)
+            if level != L - 1:
+                self.input_blocks.append(EmbedSequential(Downsample(ch)))
+                skip_chs.append(ch)
+
+        self.middle_block = EmbedSequential(res(ch, ch), transformer(ch, cfg.transformer_depth_middle), res(ch, ch))
+
+        # Up: each block takes one skip connection; the last block of a level (but the top one) upsamples.
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            depth = cfg.transformer_depth[level]
+            for j in range(n + 1):
+                layers = [res(ch + skip_chs.pop(), mc * mult)]
+                ch = mc * mult
+                if depth:
+                    layers.append(transformer(ch, depth))
+                if level and j == n:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(EmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            nn.GroupNorm(cfg.norm_groups, ch, eps=1e-5),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)),
+        )
+
+    def set_attention_backend(self, backend: str, kernel: str = "auto") -> None:
+        """Switch every attention layer to another backend (ldm/attention.py) without rebuilding."""
+        check_backend(backend, kernel)
+        self.sdpa_kernel = kernel
+        for m in self.modules():
+            if isinstance(m, CrossAttention):
+                m.backend = backend
+
+    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
+        cond = cond if cond is not None else Cond()
+        x, t = self._check_inputs(x, t, cond)
+        with sdpa_context(self.sdpa_kernel):  # once here rather than in each of the attention layers
+            return self._forward(x, t, cond)
+
+    def _forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        dtype = self.time_embed[0].weight.dtype
+        if cond.concat is not None:
+            x = torch.cat([x, cond.concat], dim=1)  # (B, in_channels, H, W)
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))  # (B, 4 mc)
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(cond.vector.to(dtype))
+        context = cond.context.to(dtype)  # (B, T, context_dim)
+        control = list(cond.control) if cond.control is not None else None
+
+        hs = []  # skip connections, one per input block
+        h = x
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            hs.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        if control is not None:  # ControlNet (Zhang et al. 2023, cldm): residuals on the middle and the skips
+            h = h + control.pop()
+        for block in self.output_blocks:
+            skip = hs.pop()
+            if control is not None:
+                skip = skip + control.pop()
+            h = torch.cat([h, skip], dim=1)  # (B, C + C_skip, H_i, W_i)
+            size = hs[-1].shape[-2:] if hs else None  # where an Upsample must land: the next skip's size
+            h = self._run(block, h, emb, context, size)
+        return self.out(h)  # (B, out_channels, H, W)
+
+    def _run(self, block: EmbedSequential, *args) -> Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # The recomputation runs in backward, outside forward's sdpa_context: it gets its own.
+            contexts = lambda: (contextlib.nullcontext(), sdpa_context(self.sdpa_kernel))  # noqa: E731
+            return checkpoint(block, *args, use_reentrant=False, context_fn=contexts)
+        return block(*args)
+
+    def _check_inputs(self, x: Tensor, t: Tensor | float, cond: Cond) -> tuple[Tensor, Tensor]:
+        cfg = self.cfg
+        if x.ndim != 4:
+            raise ValueError(f"x: expected (B, C, H, W), got shape {tuple(x.shape)}")
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"t: expected shape ({B},) or a scalar, got {tuple(t.shape)}")
+        extra = 0 if cond.concat is None else cond.concat.shape[1]
+        c = cond.concat
+        if c is not None and (c.ndim != 4 or c.shape[0] != B or c.shape[2:] != x.shape[2:]):
+            raise ValueError(f"cond.concat: expected ({B}, C, {x.shape[2]}, {x.shape[3]}), got {tuple(c.shape)}")
+        if x.shape[1] + extra != cfg.in_channels:
+            raise ValueError(
+                f"x: {x.shape[1]} channels + cond.concat {extra} channels != unet.in_channels={cfg.in_channels}"
+            )
+        if cond.context is None:
+            raise ValueError(f"cond.context: required, this U-Net cross-attends to ({B}, T, {cfg.context_dim}) tokens")
+        if cond.context.ndim != 3 or cond.context.shape[0] != B or cond.context.shape[2] != cfg.context_dim:
+            raise ValueError(f"cond.context: expected ({B}, T, {cfg.context_dim}), got {tuple(cond.context.shape)}")
+        if cfg.adm_in_channels:
+            if cond.vector is None or cond.vector.shape != (B, cfg.adm_in_channels):
+                got = None if cond.vector is None else tuple(cond.vector.shape)
+                raise ValueError(
+                    f"cond.vector: required with shape ({B}, {cfg.adm_in_channels}) (unet.adm_in_channels), got {got}"
+                )
+        elif cond.vector is not None:
+            raise ValueError("cond.vector: this U-Net takes no vector condition (unet.adm_in_channels=0)")
+        if cond.control is not None and len(cond.control) != len(self.input_blocks) + 1:
+            raise ValueError(
+                f"cond.control: expected {len(self.input_blocks) + 1} residuals (one per input block, then the "
+                f"middle block), got {len(cond.control)}"
+            )
+        return x, t
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
