@@ -30,3 +30,4 @@ __all__ = [
     "Downsample",
     "Upsample",
 ]
+from autoencoder import component  # noqa: E402,F401  registers the "vae" component (ldm/components.py)

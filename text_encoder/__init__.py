@@ -39,3 +39,24 @@ __all__ = [
     "keys",
     "tokenize",
 ]
+from text_encoder import component  # noqa: E402,F401  registers the "text" component (ldm/components.py)
+
+# Emphasis syntax and long prompts as AUTOMATIC1111's webui handles them (text_encoder.emphasis, .prompts).
+from text_encoder.emphasis import BREAK, parse_emphasis  # noqa: E402
+from text_encoder.prompts import (  # noqa: E402
+    apply_emphasis,
+    chunk_prompt,
+    encode_prompts,
+    encode_prompts_sdxl,
+    tokenize_weighted,
+)
+
+__all__ += [
+    "BREAK",
+    "apply_emphasis",
+    "chunk_prompt",
+    "encode_prompts",
+    "encode_prompts_sdxl",
+    "parse_emphasis",
+    "tokenize_weighted",
+]

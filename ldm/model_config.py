@@ -1,0 +1,214 @@
+"""ModelConfig: everything needed to build a Stable Diffusion model bundle, as one typed, YAML-able dataclass.
+
+    family      sd1 | sd2 | sdxl | custom   (conventions used when reading foreign checkpoints)
+    diffusion   DiffusionConfig             training schedule + what the network predicts (eps / v / x0)
+    unet        UNetConfig
+    vae         AutoencoderConfig
+    text        [TextEncoderConfig, ...]    1 tower (SD 1.x, 2.x) or 2 (SDXL: CLIP ViT-L, OpenCLIP bigG)
+
+How the parts fit (checked in ``__post_init__``):
+- the U-Net cross-attends to the towers' hidden states concatenated along features:
+  ``unet.context_dim == sum(t.width for t in text)``;
+- the pooled vector comes from the one tower with ``return_pooled``; SDXL's U-Net vector is that pooled
+  vector plus 6 size/crop ids embedded with 256 sinusoidal features each (Podell et al. 2023, sec. 2.2):
+  ``unet.adm_in_channels == pooled width + 6 * 256``;
+- the U-Net predicts in latent space: ``unet.out_channels == vae.latent_channels``.
+
+Per-tower overrides: ``TextEncoderConfig`` is a frozen dataclass, which OmegaConf turns into read-only nodes, so
+``ldm.config.load_config(ModelConfig, ..., ["text[0].heads=4"])`` fails with "Cannot change read-only config
+container". ``load_model_config`` applies ``text[i].field=value`` overrides to the plain data instead and
+validates once; use it wherever overrides may name a tower.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from omegaconf import OmegaConf
+
+from .config import ConfigError, check_choices, choice, load_config, parse_overrides
+from .denoiser import DiffusionConfig
+from .text_config import TextEncoderConfig
+from .unet import UNetConfig
+from .vae_config import AutoencoderConfig
+
+FAMILIES = ("sd1", "sd2", "sdxl", "custom")
+SDXL_SIZE_IDS = 6  # original size (h, w), crop top-left (top, left), target size (h, w)
+SDXL_SIZE_EMBED_DIM = 256  # sinusoidal features per id (diffusers: addition_time_embed_dim)
+
+
+@dataclass
+class ModelConfig:
+    family: str = choice("sd1", *FAMILIES)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text: list[TextEncoderConfig] = field(default_factory=lambda: [TextEncoderConfig.sd1()])
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        self.text = list(self.text)
+        if not self.text or not all(isinstance(t, TextEncoderConfig) for t in self.text):
+            raise ValueError("text: needs one or more text towers (TextEncoderConfig)")
+        want = {"sd1": 1, "sd2": 1, "sdxl": 2}.get(self.family)
+        if want is not None and len(self.text) != want:
+            raise ValueError(f"text: family {self.family!r} has {want} text tower(s), got {len(self.text)}")
+        widths = [t.width for t in self.text]
+        if self.unet.context_dim != sum(widths):
+            raise ValueError(
+                f"unet.context_dim: {self.unet.context_dim} != {' + '.join(map(str, widths))}, the summed widths of the "
+                f"text towers whose hidden states the U-Net cross-attends to"
+            )
+        pooled = [i for i, t in enumerate(self.text) if t.return_pooled]
+        if len(pooled) > 1:
+            raise ValueError(f"text: only one tower may return the pooled vector, towers {pooled} do")
+        if self.family == "sdxl":
+            if not pooled:
+                raise ValueError("text: SDXL needs a tower with return_pooled=True (bigG) for the U-Net's vector")
+            want_adm = self.pooled_dim + SDXL_SIZE_IDS * SDXL_SIZE_EMBED_DIM
+            if self.unet.adm_in_channels != want_adm:
+                raise ValueError(
+                    f"unet.adm_in_channels: SDXL's vector is the pooled text ({self.pooled_dim}) plus {SDXL_SIZE_IDS} "
+                    f"size/crop embeddings of {SDXL_SIZE_EMBED_DIM} = {want_adm}, got {self.unet.adm_in_channels}"
+                )
+        elif self.unet.adm_in_channels and not pooled and self.family != "custom":
+            raise ValueError("unet.adm_in_channels: a vector condition needs a text tower with return_pooled=True")
+        if self.unet.out_channels != self.vae.latent_channels:
+            raise ValueError(
+                f"unet.out_channels: {self.unet.out_channels} != vae.latent_channels ({self.vae.latent_channels}); "
+                f"the U-Net predicts in the autoencoder's latent space"
+            )
+        if self.unet.in_channels < self.vae.latent_channels:
+            raise ValueError(
+                f"unet.in_channels: {self.unet.in_channels} < vae.latent_channels ({self.vae.latent_channels})"
+            )
+
+    def parts(self) -> list[tuple[str, str, Any]]:
+        """(part name, registered component, its config) for every network: unet, vae, text.0 [, text.1].
+
+        Part names are the key prefixes of our checkpoint format (``unet.*``, ``vae.*``, ``text.0.*`` ...)."""
+        return [("unet", "unet", self.unet), ("vae", "vae", self.vae)] + [
+            (f"text.{i}", "text", t) for i, t in enumerate(self.text)
+        ]
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled text vector (0 if no tower returns one)."""
+        for t in self.text:
+            if t.return_pooled:
+                return t.projection_dim or t.width
+        return 0
+
+    # ---- presets: the published models ----
+
+    @classmethod
+    def sd15(cls) -> "ModelConfig":
+        """Stable Diffusion 1.x (v1-inference.yaml): eps prediction, CLIP ViT-L/14 last layer."""
+        return cls(family="sd1", diffusion=DiffusionConfig(prediction="eps"), unet=UNetConfig.sd15(),
+                   vae=AutoencoderConfig.sd(), text=[TextEncoderConfig.sd1()])  # fmt: skip
+
+    @classmethod
+    def sd21_v(cls) -> "ModelConfig":
+        """Stable Diffusion 2.x 768-v (v2-inference-v.yaml): v prediction, OpenCLIP ViT-H/14 penultimate layer."""
+        return cls(family="sd2", diffusion=DiffusionConfig(prediction="v"), unet=UNetConfig.sd21(),
+                   vae=AutoencoderConfig.sd(), text=[TextEncoderConfig.sd2()])  # fmt: skip
+
+    @classmethod
+    def sd21_base(cls) -> "ModelConfig":
+        """Stable Diffusion 2.x base 512 (v2-inference.yaml): as sd21_v but eps prediction."""
+        return replace(cls.sd21_v(), diffusion=DiffusionConfig(prediction="eps"))
+
+    @classmethod
+    def sdxl_base(cls) -> "ModelConfig":
+        """SDXL 1.0 base (sd_xl_base.yaml): eps prediction, CLIP ViT-L + OpenCLIP bigG, 2816-wide vector."""
+        return cls(family="sdxl", diffusion=DiffusionConfig(prediction="eps"), unet=UNetConfig.sdxl_base(),
+                   vae=AutoencoderConfig.sdxl(),
+                   text=[TextEncoderConfig.sdxl_clip_l(), TextEncoderConfig.sdxl_bigg()])  # fmt: skip
+
+    @classmethod
+    def preset(cls, family: str) -> "ModelConfig":
+        """The published model of a family: sd1 -> sd15, sd2 -> sd21_v, sdxl -> sdxl_base."""
+        presets = {"sd1": cls.sd15, "sd2": cls.sd21_v, "sdxl": cls.sdxl_base}
+        if family not in presets:
+            raise ValueError(f"family: {family!r} has no preset; one of: {', '.join(presets)}")
+        return presets[family]()
+
+    @classmethod
+    def tiny(cls, family: str = "sd1") -> "ModelConfig":
+        """Test-sized networks with the family's shape features (UNetConfig.tiny, AutoencoderConfig.tiny,
+        TextEncoderConfig.tiny), widths made consistent: context = summed tower widths, SDXL vector = pooled + 1536."""
+        full = cls.preset(family)
+        text = [t.tiny() for t in full.text]
+        pooled = next(((t.projection_dim or t.width) for t in text if t.return_pooled), 0)
+        adm = pooled + SDXL_SIZE_IDS * SDXL_SIZE_EMBED_DIM if full.unet.adm_in_channels else 0
+        unet = full.unet.tiny(context_dim=sum(t.width for t in text), adm_in_channels=adm)
+        vae = AutoencoderConfig.tiny(scale_factor=full.vae.scale_factor)
+        return cls(family=family, diffusion=full.diffusion, unet=unet, vae=vae, text=text)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+_TOWER_KEY = re.compile(r"^text\[(\d+)\]\.([A-Za-z_]\w*)$")
+_TOWER_FIELDS = tuple(f.name for f in dataclasses.fields(TextEncoderConfig))
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+    """Plain data (lists, not tuples) of a ModelConfig, as written to YAML."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def load_model_config(source: Any = None, overrides: Iterable[str] = ()) -> ModelConfig:
+    """A ModelConfig from a ModelConfig / dict / YAML path (None: defaults), then ``KEY=VALUE`` overrides.
+
+    As ``ldm.config.load_config(ModelConfig, ...)``, plus per-tower overrides ``text[i].field=value`` (see the module
+    docstring). Raises ConfigError naming the key.
+    """
+    overrides = list(overrides)
+    parsed = parse_overrides(overrides)
+    towers = [(item, key, value) for item, (key, value) in zip(overrides, parsed) if _TOWER_KEY.match(key)]
+    rest = [item for item, (key, _) in zip(overrides, parsed) if not _TOWER_KEY.match(key)]
+    if not towers:
+        return load_config(ModelConfig, source, rest)
+    data = _as_data(source)
+    text = data.get("text")
+    if text is None:
+        text = data["text"] = model_config_to_dict(ModelConfig())["text"]
+    for item, key, value in towers:
+        i, name = _TOWER_KEY.match(key).groups()
+        i = int(i)
+        if i >= len(text):
+            raise ConfigError(f"{key}: there are {len(text)} text tower(s), text[0] .. text[{len(text) - 1}] "
+                              f"(from override {item!r})", key=key, source=f"override {item!r}")  # fmt: skip
+        if name not in _TOWER_FIELDS:
+            raise ConfigError(f"{key}: unknown key {name!r} in TextEncoderConfig (from override {item!r}). "
+                              f"Valid keys: {', '.join(_TOWER_FIELDS)}", key=key, source=f"override {item!r}")  # fmt: skip
+        text[i] = {**text[i], name: value}
+    try:
+        return load_config(ModelConfig, data, rest)
+    except ConfigError as e:
+        shown = ", ".join(repr(item) for item, _, _ in towers)
+        raise ConfigError(f"{e} [text tower overrides applied: {shown}]", key=e.key, source=e.source) from None
+
+
+def _as_data(source: Any) -> dict:
+    if source is None:
+        return {}
+    if isinstance(source, ModelConfig):
+        return model_config_to_dict(source)
+    if isinstance(source, dict):
+        data = dict(source)
+        if data.get("text") is not None:
+            data["text"] = [dataclasses.asdict(t) if dataclasses.is_dataclass(t) else dict(t) for t in data["text"]]
+        return data
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_file():
+        data = yaml.safe_load(Path(source).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top of the YAML", source=str(source))
+        return data
+    raise ConfigError(f"model config source must be a ModelConfig, a dict or a YAML file, got {source!r}")
