@@ -1,0 +1,359 @@
+"""Open a local dataset with `datasets`, and wrap it as a torch dataset of training rows.
+
+    ds = open_dataset(cfg)                          # datasets.Dataset, or IterableDataset if cfg.streaming
+    data = ImageCaptionDataset(ds, cfg, train=True)  # a torch Dataset (IterableDataset when streaming)
+    sampler = data.batch_sampler(batch_size=4, num_replicas=world, rank=rank)
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate_rows, num_workers=cfg.num_workers)
+    for epoch in ...: sampler.set_epoch(epoch); data.set_epoch(epoch); for batch in loader: ...
+
+Sources (``DataConfig.kind``, or ``auto`` from what the path holds), all local, never the Hub:
+- ``imagefolder``: a folder of images, captions in metadata.jsonl or metadata.csv (``file_name`` column);
+- ``parquet``: a .parquet file, a glob, or a folder of parquet files;
+- ``saved``: a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
+- ``jsonl``: a .jsonl / .json file (or glob) whose image column holds paths relative to that file.
+``streaming=True`` gives an IterableDataset (a saved folder through ``to_iterable_dataset``).
+
+Rows (``ImageCaptionDataset``): each index gives the dict that training/collate.py stacks, or a
+``SkippedRow`` where the image is bad (training/images.py says what "bad" covers). Bad images are counted
+in ``bad`` (path -> reason) and logged once per path and process. Crops, flips and the choice among several
+captions come from ``keyed_rng(seed, epoch, index)``: the same in every worker, run and rank.
+
+Epochs and workers: call ``set_epoch`` before creating each epoch's iterator. With
+``persistent_workers=True`` the workers keep the epoch they started with, so do not combine the two.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Any
+
+import datasets
+import torch
+from torch.utils.data import Dataset, IterableDataset
+
+from .buckets import BucketBatchSampler, closest_bucket, make_buckets
+from .collate import SkippedRow
+from .data_config import DEFAULT_BUCKET_ASPECT, DataConfig
+from .images import BadImage, check_aspect, keyed_rng, load_image, peek_size, transform_image
+
+__all__ = ["ImageCaptionDataset", "StreamingImageCaptionDataset", "check_columns", "detect_kind", "open_dataset"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+BUILTIN_SOURCES = ("shapes",)
+
+
+# ------------------------------------------------------------------------------------------ opening
+
+
+def _is_glob(source: str) -> bool:
+    return any(c in source for c in "*?[")
+
+
+def detect_kind(source: str) -> str:
+    """imagefolder | parquet | saved | jsonl, from what ``source`` (folder, file or glob) holds."""
+    if _is_glob(source):
+        return _kind_of_files(source, sorted(glob.glob(source, recursive=True)))
+    if os.path.isdir(source):
+        if any(os.path.exists(os.path.join(source, f)) for f in ("dataset_dict.json", "state.json")):
+            return "saved"
+        has_parquet = False
+        for root, _dirs, files in os.walk(source):
+            for f in files:
+                ext = os.path.splitext(f)[1].lower()
+                if ext in IMAGE_EXTENSIONS or f in ("metadata.jsonl", "metadata.csv"):
+                    return "imagefolder"
+                has_parquet = has_parquet or ext == ".parquet"
+        if has_parquet:
+            return "parquet"
+        raise ValueError(
+            f"data.source: cannot tell what {source!r} holds (no images, metadata.jsonl / .csv, parquet files or "
+            f"save_to_disk files); set data.kind to one of imagefolder, parquet, saved, jsonl"
+        )
+    if os.path.isfile(source):
+        return _kind_of_files(source, [source])
+    raise ValueError(f"data.source: no such file or folder: {source!r}")
+
+
+def _kind_of_files(source: str, files: list[str]) -> str:
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        raise ValueError(f"data.source: the pattern {source!r} matches no file")
+    exts = {os.path.splitext(f)[1].lower() for f in files}
+    if exts == {".parquet"}:
+        return "parquet"
+    if exts <= {".jsonl", ".json"}:
+        return "jsonl"
+    raise ValueError(
+        f"data.source: {source!r} holds files of kind {', '.join(sorted(exts))}; expected .parquet or .jsonl / .json "
+        f"files, an image folder or a save_to_disk folder (or set data.kind)"
+    )
+
+
+def open_dataset(cfg: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
+    """The split ``cfg.split`` of the local dataset at ``cfg.source``; its columns checked against ``cfg``."""
+    if cfg.source in BUILTIN_SOURCES:
+        raise ValueError(f"data.source: {cfg.source!r} is a builtin dataset, not a path; open_dataset reads paths")
+    if not _is_glob(cfg.source) and not os.path.exists(cfg.source):
+        raise ValueError(f"data.source: no such file or folder: {cfg.source!r}")
+    kind = detect_kind(cfg.source) if cfg.kind == "auto" else cfg.kind
+    common = dict(split=cfg.split, streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+    try:
+        if kind == "imagefolder":
+            if not os.path.isdir(cfg.source):
+                raise ValueError(f"data.source: kind imagefolder needs a folder, got {cfg.source!r}")
+            ds = datasets.load_dataset("imagefolder", data_dir=cfg.source, **common)
+        elif kind == "parquet":
+            if os.path.isdir(cfg.source):
+                ds = datasets.load_dataset("parquet", data_dir=cfg.source, **common)
+            else:
+                ds = datasets.load_dataset("parquet", data_files={cfg.split: _files(cfg.source)}, **common)
+        elif kind == "jsonl":
+            ds = _open_jsonl(cfg, common)
+        else:
+            ds = _open_saved(cfg)
+    except ValueError as e:
+        if "Unknown split" in str(e):
+            raise ValueError(f"data.split: {cfg.split!r} not found in {cfg.source!r}: {e}") from e
+        raise
+    check_columns(ds, cfg)
+    if cfg.max_samples is not None:
+        ds = ds.take(cfg.max_samples) if cfg.streaming else ds.select(range(min(cfg.max_samples, len(ds))))
+    return ds
+
+
+def _files(pattern: str) -> list[str]:
+    files = sorted(glob.glob(pattern, recursive=True)) if _is_glob(pattern) else [pattern]
+    if not files:
+        raise ValueError(f"data.source: the pattern {pattern!r} matches no file")
+    return [os.path.abspath(f) for f in files]
+
+
+def _open_jsonl(cfg: DataConfig, common: dict) -> datasets.Dataset | datasets.IterableDataset:
+    files = _files(cfg.source)
+    if len({os.path.dirname(f) for f in files}) > 1:
+        raise ValueError(f"data.source: jsonl files of {cfg.source!r} must lie in one folder (image paths are relative to it)")
+    base = os.path.dirname(files[0])
+    ds = datasets.load_dataset("json", data_files={cfg.split: files}, **common)
+    names = _column_names(ds)
+    if cfg.image_column not in names:
+        check_columns(ds, cfg)  # raises with the list of columns
+
+    def absolute(path: Any) -> Any:  # leaves non-strings (bytes, dicts) to load_image
+        return os.path.join(base, path) if isinstance(path, str) and not os.path.isabs(path) else path
+
+    return ds.map(lambda p: {cfg.image_column: absolute(p)}, input_columns=cfg.image_column)
+
+
+def _open_saved(cfg: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
+    if not os.path.isdir(cfg.source):
+        raise ValueError(f"data.source: kind saved needs a folder written by save_to_disk, got {cfg.source!r}")
+    try:
+        ds = datasets.load_from_disk(cfg.source)
+    except FileNotFoundError as e:
+        raise ValueError(f"data.source: {cfg.source!r} is not a save_to_disk folder ({e})") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if cfg.split not in ds:
+            raise ValueError(f"data.split: {cfg.split!r} not in {cfg.source!r}; available splits: {', '.join(ds)}")
+        ds = ds[cfg.split]
+    return ds.to_iterable_dataset() if cfg.streaming else ds
+
+
+def _column_names(ds: datasets.Dataset | datasets.IterableDataset) -> list[str]:
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    first = next(iter(ds.take(1)), None)  # a stream with no declared features: look at one row
+    return list(first) if first is not None else []
+
+
+def check_columns(ds: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig) -> None:
+    """Raise naming each configured column that ``ds`` lacks, and the columns it has."""
+    names = _column_names(ds)
+    wanted = [("image_column", cfg.image_column), ("caption_column", cfg.caption_column)]
+    wanted += [("extra_columns", c) for c in cfg.extra_columns]
+    missing = [f"data.{field}={col!r}" for field, col in wanted if col is not None and col not in names]
+    if missing:
+        raise ValueError(
+            f"{'; '.join(missing)}: no such column in {cfg.source!r}; available columns: {', '.join(names) or '(none)'}"
+        )
+
+
+# --------------------------------------------------------------------------------------------- rows
+
+
+class ImageCaptionDataset(Dataset):
+    """Training rows from a `datasets` dataset; an IterableDataset input gives a StreamingImageCaptionDataset."""
+
+    def __new__(cls, hf_dataset: Any, cfg: DataConfig, train: bool = True, **kwargs: Any):
+        if cls is ImageCaptionDataset and isinstance(hf_dataset, datasets.IterableDataset):
+            cls = StreamingImageCaptionDataset
+        return super().__new__(cls)
+
+    def __init__(self, hf_dataset: datasets.Dataset | datasets.IterableDataset, cfg: DataConfig, train: bool = True):
+        if not isinstance(hf_dataset, (datasets.Dataset, datasets.IterableDataset)):
+            raise TypeError(
+                f"ImageCaptionDataset: expected a datasets.Dataset or IterableDataset (one split), "
+                f"got {type(hf_dataset).__name__}"
+            )
+        check_columns(hf_dataset, cfg)
+        self.cfg, self.train, self.epoch = cfg, train, 0
+        features = hf_dataset.features or {}
+        caption = features.get(cfg.caption_column) if cfg.caption_column else None
+        self.caption_names = caption.names if isinstance(caption, datasets.ClassLabel) else None
+        columns = [c for c in (cfg.image_column, cfg.caption_column, *cfg.extra_columns) if c is not None]
+        hf_dataset = hf_dataset.select_columns(columns)
+        if isinstance(features.get(cfg.image_column), datasets.Image):  # decode here: EXIF, modes, bad files
+            hf_dataset = hf_dataset.cast_column(cfg.image_column, datasets.Image(decode=False))
+        self.hf = hf_dataset
+        self.bad: dict[str, str] = {}  # path -> reason, each logged once
+        self.buckets: list[tuple[int, int]] | None = None
+        if cfg.buckets:
+            given = cfg.bucket_sizes
+            self.buckets = ([tuple(b) for b in given] if given else
+                            make_buckets(cfg.size, cfg.bucket_multiple, cfg.max_aspect or DEFAULT_BUCKET_ASPECT))
+        self._bucket_ids: list[int | None] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | SkippedRow:
+        return self.make_row(self.hf[index], index)
+
+    # ------------------------------------------------------------------------------------- sizes, batches
+
+    @property
+    def bucket_ids(self) -> list[int | None]:
+        """Bucket index of each row (None: unreadable or refused), from the image headers, computed once."""
+        if self._bucket_ids is None:
+            buckets = self.buckets or [self.cfg.size]
+            ids: list[int | None] = []
+            for index, row in enumerate(self.hf.select_columns([self.cfg.image_column])):
+                obj = row[self.cfg.image_column]
+                name = self._name(obj, index)
+                try:
+                    size = peek_size(obj, name)
+                    check_aspect(size, self.cfg.max_aspect, name)
+                except BadImage as e:
+                    self._record_bad(e)
+                    ids.append(None)
+                    continue
+                ids.append(closest_bucket(size, buckets))
+            self._bucket_ids = ids
+        return self._bucket_ids
+
+    def batch_sampler(self, batch_size: int, *, num_replicas: int = 1, rank: int = 0,
+                      shuffle: bool | None = None) -> BucketBatchSampler:
+        """A BucketBatchSampler over this dataset (one bucket without cfg.buckets; then no header scan)."""
+        ids = self.bucket_ids if self.cfg.buckets else [0] * len(self)
+        return BucketBatchSampler(
+            ids, batch_size, shuffle=self.train if shuffle is None else shuffle, seed=self.cfg.seed,
+            incomplete=self.cfg.incomplete_batch, num_replicas=num_replicas, rank=rank,
+        )
+
+    def target_size(self, index: int | None, size_hw: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of row ``index``: its bucket's (from the scan where done, else from ``size_hw``) or cfg.size."""
+        if self.buckets is None:
+            return self.cfg.size
+        b = self._bucket_ids[index] if self._bucket_ids is not None and isinstance(index, int) else None
+        return tuple(self.buckets[b if b is not None else closest_bucket(size_hw, self.buckets)])
+
+    # -------------------------------------------------------------------------------------------- a row
+
+    def make_row(self, row: dict[str, Any], key: Any) -> dict[str, Any] | SkippedRow:
+        """The training dict of one source row (``key``: its index, or a stream position)."""
+        cfg = self.cfg
+        obj = row[cfg.image_column]
+        name = self._name(obj, key)
+        try:
+            im = load_image(obj, cfg.background_rgb, name)
+            check_aspect((im.height, im.width), cfg.max_aspect, name)
+        except BadImage as e:
+            self._record_bad(e)
+            return SkippedRow(e.path, e.reason)
+        rng = keyed_rng(cfg.seed, self.epoch, key)
+        t = transform_image(
+            im, self.target_size(key, (im.height, im.width)),
+            random_crop=self.train and cfg.crop == "random",
+            flip_prob=cfg.random_flip if self.train else 0.0, rng=rng,
+        )
+        out = {
+            "pixel_values": t.pixel_values, "text": self._caption(row, rng), "original_size": t.original_size,
+            "crop_coords": t.crop_coords, "target_size": t.target_size, "flipped": t.flipped,
+        }
+        for c in cfg.extra_columns:
+            out[c] = row[c]
+        return out
+
+    def _caption(self, row: dict[str, Any], rng: Any) -> str:
+        if self.cfg.caption_column is None:
+            return ""
+        value = row[self.cfg.caption_column]
+        if value is None:
+            return ""
+        if self.caption_names is not None:  # a ClassLabel: its name
+            return self.caption_names[int(value)]
+        if isinstance(value, (list, tuple)):  # several captions: one at random when training, else the first
+            value = [v for v in value if v is not None]
+            if not value:
+                return ""
+            return str(rng.choice(value) if self.train else value[0])
+        return str(value)
+
+    def _name(self, obj: Any, key: Any) -> str:
+        """The path of a row's image file where it has one, else 'source[row key]' (plus its stored name)."""
+        if isinstance(obj, (str, os.PathLike)):
+            return os.fspath(obj)
+        suffix = ""
+        if isinstance(obj, dict) and obj.get("path"):
+            if obj.get("bytes") is None:  # a file on disk (imagefolder)
+                return str(obj["path"])
+            suffix = f" ({obj['path']})"  # the name stored beside embedded bytes (parquet, saved)
+        return f"{self.cfg.source}[row {key}]{suffix}"
+
+    def _record_bad(self, e: BadImage) -> None:
+        if e.path not in self.bad:
+            self.bad[e.path] = e.reason
+            logger.warning("skipping bad image %s: %s (%d bad so far)", e.path, e.reason, len(self.bad))
+
+    @property
+    def num_bad(self) -> int:
+        return len(self.bad)
+
+
+class StreamingImageCaptionDataset(IterableDataset, ImageCaptionDataset):
+    """The rows of a streamed dataset, shuffled through a buffer when training and split across ranks.
+
+    Row keys (for the random crop / flip) are 'rank.worker.position' within this epoch's stream.
+    """
+
+    def __init__(self, hf_dataset: datasets.IterableDataset, cfg: DataConfig, train: bool = True, *,
+                 num_replicas: int = 1, rank: int = 0):
+        ImageCaptionDataset.__init__(self, hf_dataset, cfg, train)
+        if train and cfg.shuffle_buffer > 0:
+            self.hf = self.hf.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
+        if num_replicas > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            self.hf = split_dataset_by_node(self.hf, rank=rank, world_size=num_replicas)
+        self.rank = rank
+
+    def __len__(self) -> int:
+        raise TypeError("a streamed dataset has no length")
+
+    def __getitem__(self, index: int):
+        raise TypeError("a streamed dataset is read by iterating over it, not by index")
+
+    def batch_sampler(self, *args: Any, **kwargs: Any):
+        raise TypeError("a streamed dataset takes no batch sampler; use DataLoader(dataset, batch_size=...)")
+
+    def __iter__(self):
+        self.hf.set_epoch(self.epoch)
+        worker = torch.utils.data.get_worker_info()
+        wid = worker.id if worker is not None else 0
+        for position, row in enumerate(self.hf):
+            yield self.make_row(row, f"{self.rank}.{wid}.{position}")
