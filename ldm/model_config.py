@@ -14,24 +14,16 @@ How the parts fit (checked in ``__post_init__``):
   ``unet.adm_in_channels == pooled width + 6 * 256``;
 - the U-Net predicts in latent space: ``unet.out_channels == vae.latent_channels``.
 
-Per-tower overrides: ``TextEncoderConfig`` is a frozen dataclass, which OmegaConf turns into read-only nodes, so
-``ldm.config.load_config(ModelConfig, ..., ["text[0].heads=4"])`` fails with "Cannot change read-only config
-container". ``load_model_config`` applies ``text[i].field=value`` overrides to the plain data instead and
-validates once; use it wherever overrides may name a tower.
+Per-tower overrides name the tower by index: ``text[0].heads=4``, ``text[1].layer=-3``.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
-import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
 from omegaconf import OmegaConf
 
-from .config import ConfigError, check_choices, choice, load_config, parse_overrides
+from .config import check_choices, choice, load_config
 from .denoiser import DiffusionConfig
 from .text_config import TextEncoderConfig
 from .unet import UNetConfig
@@ -154,61 +146,12 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------- loading
 
 
-_TOWER_KEY = re.compile(r"^text\[(\d+)\]\.([A-Za-z_]\w*)$")
-_TOWER_FIELDS = tuple(f.name for f in dataclasses.fields(TextEncoderConfig))
-
-
 def model_config_to_dict(cfg: ModelConfig) -> dict:
     """Plain data (lists, not tuples) of a ModelConfig, as written to YAML."""
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
 def load_model_config(source: Any = None, overrides: Iterable[str] = ()) -> ModelConfig:
-    """A ModelConfig from a ModelConfig / dict / YAML path (None: defaults), then ``KEY=VALUE`` overrides.
-
-    As ``ldm.config.load_config(ModelConfig, ...)``, plus per-tower overrides ``text[i].field=value`` (see the module
-    docstring). Raises ConfigError naming the key.
-    """
-    overrides = list(overrides)
-    parsed = parse_overrides(overrides)
-    towers = [(item, key, value) for item, (key, value) in zip(overrides, parsed) if _TOWER_KEY.match(key)]
-    rest = [item for item, (key, _) in zip(overrides, parsed) if not _TOWER_KEY.match(key)]
-    if not towers:
-        return load_config(ModelConfig, source, rest)
-    data = _as_data(source)
-    text = data.get("text")
-    if text is None:
-        text = data["text"] = model_config_to_dict(ModelConfig())["text"]
-    for item, key, value in towers:
-        i, name = _TOWER_KEY.match(key).groups()
-        i = int(i)
-        if i >= len(text):
-            raise ConfigError(f"{key}: there are {len(text)} text tower(s), text[0] .. text[{len(text) - 1}] "
-                              f"(from override {item!r})", key=key, source=f"override {item!r}")  # fmt: skip
-        if name not in _TOWER_FIELDS:
-            raise ConfigError(f"{key}: unknown key {name!r} in TextEncoderConfig (from override {item!r}). "
-                              f"Valid keys: {', '.join(_TOWER_FIELDS)}", key=key, source=f"override {item!r}")  # fmt: skip
-        text[i] = {**text[i], name: value}
-    try:
-        return load_config(ModelConfig, data, rest)
-    except ConfigError as e:
-        shown = ", ".join(repr(item) for item, _, _ in towers)
-        raise ConfigError(f"{e} [text tower overrides applied: {shown}]", key=e.key, source=e.source) from None
-
-
-def _as_data(source: Any) -> dict:
-    if source is None:
-        return {}
-    if isinstance(source, ModelConfig):
-        return model_config_to_dict(source)
-    if isinstance(source, dict):
-        data = dict(source)
-        if data.get("text") is not None:
-            data["text"] = [dataclasses.asdict(t) if dataclasses.is_dataclass(t) else dict(t) for t in data["text"]]
-        return data
-    if isinstance(source, (str, os.PathLike)) and Path(source).is_file():
-        data = yaml.safe_load(Path(source).read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping at the top of the YAML", source=str(source))
-        return data
-    raise ConfigError(f"model config source must be a ModelConfig, a dict or a YAML file, got {source!r}")
+    """A ModelConfig from a ModelConfig / dict / YAML path (None: defaults), then ``KEY=VALUE`` overrides
+    (``text[i].field=value`` for a tower). Raises ConfigError naming the key."""
+    return load_config(ModelConfig, source, list(overrides))

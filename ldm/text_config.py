@@ -20,7 +20,7 @@ ACTIVATION_NAMES = ("quick_gelu", "gelu")  # OpenAI CLIP uses QuickGELU, OpenCLI
 LAYER_NAMES = {"last": -1, "penultimate": -2}
 
 
-@dataclass(frozen=True)
+@dataclass
 class TextEncoderConfig:
     width: int  # D
     layers: int  # L residual attention blocks
@@ -116,7 +116,7 @@ class TextEncoderConfig:
 PRESETS = ("sd1", "sd2", "sdxl_clip_l", "sdxl_bigg")
 
 
-@dataclass(frozen=True)
+@dataclass
 class SDXLTextConfig:
     clip_l: TextEncoderConfig = field(default_factory=TextEncoderConfig.sdxl_clip_l)
     bigg: TextEncoderConfig = field(default_factory=TextEncoderConfig.sdxl_bigg)

@@ -120,7 +120,7 @@ def test_incomplete_and_inconsistent_folders(tmp_path):
 
 def test_bad_override_names_the_key(tmp_path):
     save_bundle(random_bundle("sdxl"), tmp_path / "m")
-    with pytest.raises(CheckpointError, match=r"config.yaml: text\[1\].bogus: unknown key 'bogus'"):
+    with pytest.raises(CheckpointError, match=r"config.yaml: text\[1\].bogus: unknown key .*'bogus'"):
         load_bundle(tmp_path / "m", config_overrides=["text[1].bogus=3"])
     b = load_bundle(tmp_path / "m", config_overrides=["text[1].layer=-3"])
     assert b.config.text[1].layer == -3

@@ -76,9 +76,9 @@ def test_per_tower_overrides():
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["text[2].layer=1"], r"text\[2\].layer: there are 2 text tower\(s\)"),
-    (["text[0].bogus=1"], r"text\[0\].bogus: unknown key 'bogus' in TextEncoderConfig"),
-    (["text[0].heads=5"], r"must be divisible by heads \(5\).*text\[0\].heads=5"),
+    (["text[2].layer=1"], r"text\[2\]: .*TextEncoderConfig"),
+    (["text[0].bogus=1"], r"text\[0\].bogus: unknown key .*'bogus' not in 'TextEncoderConfig'"),
+    (["text[0].heads=5"], r"must be divisible by heads \(5\)"),
     (["unet.context_dim=40"], r"unet.context_dim: 40 != 32 \+ 32, the summed widths"),
     (["unet.adm_in_channels=2816"], r"unet.adm_in_channels: SDXL's vector is the pooled text \(24\) plus 6"),
     (["text[1].return_pooled=false"], r"SDXL needs a tower with return_pooled=True"),
