@@ -180,6 +180,14 @@ class UNetConfig:
         return cls(**{**kw, **overrides})
 
 
+MIN_EMB_ROWS = 4
+
+
+def _pad_rows(v: Tensor, n: int) -> Tensor:
+    """(B, D) -> (max(B, n), D), zero rows appended."""
+    return v if v.shape[0] >= n else torch.cat([v, v.new_zeros(n - v.shape[0], *v.shape[1:])])
+
+
 class EmbedSequential(nn.Sequential):
     """The original TimestepEmbedSequential: hands each layer what it needs (emb, context, output size)."""
 
@@ -280,9 +288,12 @@ class UNet(nn.Module):
         dtype = self.time_embed[0].weight.dtype
         if cond.concat is not None:
             x = torch.cat([x, cond.concat], dim=1)  # (B, in_channels, H, W)
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))  # (B, 4 mc)
+        # The embedding MLPs see at least MIN_EMB_ROWS rows: CPU BLAS rounds a matmul of 1-3 rows differently from a
+        # bigger one, which would make an image's last bits depend on how many images share its batch.
+        t_emb = _pad_rows(timestep_embedding(t, self.cfg.model_channels).to(dtype), MIN_EMB_ROWS)
+        emb = self.time_embed(t_emb)  # (B', 4 mc), B' = max(B, MIN_EMB_ROWS); ResBlocks take the first B rows
         if self.label_emb is not None:
-            emb = emb + self.label_emb(cond.vector.to(dtype))
+            emb = emb + self.label_emb(_pad_rows(cond.vector.to(dtype), MIN_EMB_ROWS))
         context = cond.context.to(dtype)  # (B, T, context_dim)
         control = list(cond.control) if cond.control is not None else None
 

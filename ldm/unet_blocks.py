@@ -72,9 +72,9 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        # x: (B, C, H, W); emb: (B, E)
+        # x: (B, C, H, W); emb: (B', E) with B' >= B (the U-Net pads it, see UNet._forward)
         h = self.in_layers(x)  # (B, C_out, H, W)
-        e = self.emb_layers(emb)[:, :, None, None]  # (B, C_out or 2 C_out, 1, 1)
+        e = self.emb_layers(emb)[: x.shape[0], :, None, None]  # (B, C_out or 2 C_out, 1, 1)
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
             h = self.out_layers[0](h) * (1 + scale) + shift
