@@ -105,7 +105,8 @@ def test_merge_equals_the_unmerged_forward_and_the_hand_formula():
     torch.testing.assert_close(net.get_submodule(names[0]).weight, hand, rtol=1e-6, atol=1e-7)
     with torch.no_grad():
         merged = net(x, t, c)
-    assert rel_err(merged, unmerged) < 1e-6
+    # fp32: (W + s up down) x and W x + s up (down x) sum in different orders; measured 2e-7 to 1.1e-6 here
+    assert rel_err(merged, unmerged) < 5e-6
     assert rel_err(unmerged, make_unet()(x, t, c).detach()) > 1e-3  # the adapters did change the output
 
 
@@ -168,7 +169,7 @@ def test_conv2d_adapters_merge():
     merge_lora(model)
     assert type(model.proj) is nn.Conv2d and model.proj.stride == (2, 2)
     with torch.no_grad():
-        assert rel_err(model(x), unmerged) < 1e-6
+        assert rel_err(model(x), unmerged) < 5e-6  # fp32 summation order, as above
 
 
 def test_training_moves_only_the_adapters():
