@@ -1,0 +1,491 @@
+"""The trainer: one flat loop from a TrainConfig to a trained model bundle, on Accelerate.
+
+    ldm train configs/train/tiny.yaml max_steps=200
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m training.train CONFIG [KEY=VALUE ...]
+    result = train(load_train_config("configs/train/tiny.yaml"))          # from Python
+
+Read it top to bottom in ``train``: build the bundle and decide what is trained (U-Net, + text towers, or LoRA
+adapters only); frozen networks go to the device in the compute dtype, trained ones stay fp32 and go through
+``accelerator.prepare``; data; optimizer; EMA; resume; then the loop. One optimizer step:
+
+    for each of grad_accum micro-batches:        (gradients synchronised across processes on the last one only)
+        z0 = VAE posterior sample of the images  (or of cached moments)
+        cond = text towers(captions, "" with probability cond_dropout.text) [+ SDXL size vector]
+        loss = DiffusionLoss(unet)(z0, cond) / grad_accum;  backward
+    non-finite loss on any process -> skip: no optimizer step, no EMA update, gradients dropped; counted, and
+        max_consecutive_skips in a row stop the run
+    clip the gradient norm; optimizer step (the fp16 scaler may skip it: counted too); EMA update
+    log (metrics.jsonl + TensorBoard), validation grid, checkpoint (training/checkpointing.py)
+
+The learning rate is a pure function of the step (nanoGPT's get_lr), so it needs no saved scheduler state.
+Every random draw of a sample is keyed by (seed, epoch, index) (training/conditions.py): resuming is exact, and
+N processes with batch b take the same steps as 1 process with batch b and grad_accum N.
+
+Distribution: DDP (``configs/accelerate/ddp.yaml``) is supported and tested with 2 CPU processes. FSDP and
+DeepSpeed are refused with an explicit error for now: checkpoints and the final bundle would need their sharded
+weights and optimizer states gathered (see the note in configs/accelerate/fsdp.yaml).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import autoencoder  # noqa: F401  (registers the VAE component)
+import text_encoder  # noqa: F401  (registers the text-tower component)
+from autoencoder.vae import sample_posterior
+from ldm.bundle import Bundle, load_bundle, save_bundle
+from ldm.checkpoint import CheckpointError, read_state_dict, write_safetensors
+from ldm.config import save_config, to_yaml
+from ldm.ema import EMA
+from ldm.lora import inject_lora, lora_state_dict, merge_lora
+from ldm.loss import DiffusionLoss
+
+from . import checkpointing as ckpt
+from .conditions import TextTowers, batch_sizes, drop_flags, keyed_generators, keyed_seed, make_cond, tokenize
+from .config import OptimConfig, TrainConfig, load_train_config
+from .metrics import MetricsLog
+from .train_data import ROW_INDEX, BatchStream, cache_latents, train_rows
+from .validation import sample_validation, save_grid
+
+logger = logging.getLogger("ldm.train")
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a NaN / inf loss or gradient."""
+
+
+class Trainable(nn.Module):
+    """The trained parameters under their model names (``unet.input_blocks.0.0.weight``, ``text.0.*``, or the
+    LoRA adapters), the very Parameter objects of the networks: one module for the optimizer, EMA and checkpoints."""
+
+    def __init__(self, named: dict[str, nn.Parameter]):
+        super().__init__()
+        self.params = nn.ParameterDict({name.replace(".", "/"): p for name, p in named.items()})
+
+    def named_tensors(self) -> dict[str, nn.Parameter]:
+        return {name.replace("/", "."): p for name, p in self.params.items()}
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build_bundle(cfg: TrainConfig) -> Bundle:
+    """From scratch (seeded random init, fp32 on the CPU) or loaded from a checkpoint (its stored dtypes)."""
+    if cfg.model.from_scratch:
+        torch.manual_seed(cfg.seed)
+        return Bundle(cfg.model.model_config()).eval()
+    return load_bundle(cfg.model.source, config_overrides=cfg.model.overrides, progress=logger.info)
+
+
+def make_optimizer(ocfg: OptimConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    kw = dict(lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps, weight_decay=ocfg.weight_decay)
+    if ocfg.name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kw)
+    fused = ocfg.fused if ocfg.fused is not None else device.type == "cuda"
+    try:
+        return torch.optim.AdamW(params, fused=fused or None, **kw)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"optim.fused: torch's fused AdamW is not available here ({e}); set optim.fused=null") from None
+
+
+def _check_sizes(cfg: TrainConfig, bundle: Bundle) -> None:
+    f = bundle.config.vae.downsample_factor
+    sizes = [("data.resolution", cfg.data.size)] if not cfg.data.buckets else []
+    if cfg.validation.prompts:
+        sizes.append(("validation.resolution", cfg.validation.size(cfg.data.size)))
+    for key, (h, w) in sizes:
+        if h % f or w % f:
+            raise ValueError(f"{key}: {h}x{w} is not a multiple of the autoencoder's downsampling factor {f}")
+
+
+def _check_distribution(accelerator) -> None:
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            f"accelerate: distributed type {accelerator.distributed_type.value} is not supported by this trainer yet "
+            f"(checkpoints, EMA and the final bundle need the sharded weights and optimizer states gathered); "
+            f"use configs/accelerate/ddp.yaml"
+        )
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run ``cfg`` to ``cfg.max_steps``; returns {"state": TrainState, "output_dir": Path, "losses": {step: loss}}."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # trained text towers may leave blocks unused (SD 2.x reads the penultimate block): let DDP allow that
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train_text_encoder)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
+    try:
+        return _train(cfg, accelerator)
+    finally:
+        if accelerator.num_processes == 1:  # Accelerate's state is a process-wide singleton: let another train()
+            AcceleratorState._reset_state()  # in this process (tests, notebooks) choose its own mixed precision
+
+
+def _train(cfg: TrainConfig, accelerator) -> dict:
+    from tqdm.auto import tqdm
+
+    _check_distribution(accelerator)
+    device, rank, world, main = accelerator.device, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if device.type == "cpu" and cfg.mixed_precision == "fp16":
+        raise ValueError("mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
+    out, weight_dtype = Path(cfg.output_dir), DTYPES[cfg.mixed_precision]
+    ckroot = out / "checkpoints"
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    rows = train_rows(cfg)  # the data first: a wrong path or column fails before any model is loaded
+
+    # ---- model: what is frozen, what is trained
+    bundle = build_bundle(cfg)
+    sdxl = bundle.config.family == "sdxl"
+    _check_sizes(cfg, bundle)
+    bundle.requires_grad_(False)
+    bundle.vae.to(device, weight_dtype)
+    if cfg.lora is not None:  # frozen base in the compute dtype, fp32 adapters, only they are trained
+        bundle.unet.to(dtype=weight_dtype)
+        inject_lora(bundle.unet, cfg.lora, generator=torch.Generator().manual_seed(keyed_seed(cfg.seed, "lora")),
+                    dtype=torch.float32)  # fmt: skip
+        bundle.unet.to(device)
+    else:
+        bundle.unet.to(device, torch.float32).requires_grad_(True)
+    bundle.text.to(device, torch.float32 if cfg.train_text_encoder else weight_dtype)
+    bundle.text.requires_grad_(cfg.train_text_encoder)
+    bundle.unet.train()
+    bundle.text.train(cfg.train_text_encoder)
+    towers = TextTowers(bundle.text)
+    named = {f"unet.{n}": p for n, p in bundle.unet.named_parameters() if p.requires_grad}
+    named |= {f"text.{n}": p for n, p in bundle.text.named_parameters() if p.requires_grad}
+    trainable = Trainable(named)
+    params = list(trainable.parameters())
+    param_names = list(trainable.named_tensors())
+    optimizer = make_optimizer(cfg.optim, params, device)
+    to_prepare = [bundle.unet] + ([towers] if cfg.train_text_encoder else [])
+    *wrapped, optimizer = accelerator.prepare(*to_prepare, optimizer)
+    unet_w, text_w = wrapped[0], (wrapped[1] if cfg.train_text_encoder else towers)
+    loss_fn = DiffusionLoss(unet_w, bundle.config.diffusion, cfg.loss)
+    ema = EMA(trainable, cfg.ema.decay, cfg.ema.warmup, cfg.ema.update_after_step) if cfg.ema else None
+    if main:
+        n_train = sum(p.numel() for p in params)
+        logger.info("training %s parameters (%s) on %d process(es), %s", f"{n_train:,}",
+                    "LoRA" if cfg.lora else "U-Net" + (" + text" if cfg.train_text_encoder else ""), world, device)  # fmt: skip
+
+    # ---- data
+    if cfg.cache.latents:
+        rows = cache_latents(rows, bundle.vae, cfg.batch_size, device, weight_dtype, cfg.data.seed,
+                             progress=(lambda i, n: logger.info("caching latents %d/%d", i, n)) if main else None)  # fmt: skip
+    text_cache: dict[str, tuple[Tensor, Tensor | None]] = {}
+
+    # ---- resume
+    state = ckpt.TrainState(world_size=world)
+    source = None if cfg.resume == "never" else ckpt.find_latest(ckroot) if cfg.resume == "auto" else Path(cfg.resume)
+    if source is not None:
+        state = resume(source, cfg, trainable, param_names, optimizer, ema, rank, world)
+        if main:
+            logger.info("resumed from %s at step %d (epoch %d, batch %d)", source, state.step, state.epoch,
+                        state.batch_in_epoch)  # fmt: skip
+    else:
+        torch.manual_seed(keyed_seed(cfg.seed, "process", rank))  # dropout etc.: per process, reproducible
+        np.random.seed(keyed_seed(cfg.seed, "numpy", rank) % 2**32)
+        random.seed(keyed_seed(cfg.seed, "python", rank))
+    stream = BatchStream(rows, cfg.batch_size, rank, world, epoch=state.epoch, consumed=state.batch_in_epoch,
+                         num_workers=cfg.data.num_workers)  # fmt: skip
+    batches = iter(stream)
+    metrics = MetricsLog(out / "logs", state.step) if main else None
+
+    def micro_step(epoch: int, batch: dict):
+        """The loss of one micro-batch (see the module docstring)."""
+        idx = batch[ROW_INDEX].tolist()
+        drop_text = drop_flags(cfg.cond_dropout.text, cfg.seed, epoch, idx, "text")
+        texts = ["" if d else t for t, d in zip(batch["text"], drop_text.tolist())]
+        gens_vae = keyed_generators(cfg.seed, epoch, idx, "vae", device)
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(device, weight_dtype)
+            if cfg.cache.latents:  # cached (mean, logvar) stacked on channels
+                mean, logvar = pixels.chunk(2, dim=1)
+                z0 = bundle.vae.scale_latent(sample_posterior(mean, logvar, gens_vae))
+            else:
+                z0 = bundle.vae.encode(pixels, sample=True, generator=gens_vae)  # (B, z, h, w)
+        if cfg.train_text_encoder:
+            context, pooled = text_w(tokenize(towers, texts, device))
+        else:
+            context, pooled = encode_frozen(texts)
+        drop_sizes = drop_flags(cfg.cond_dropout.sizes, cfg.seed, epoch, idx, "sizes") if sdxl else None
+        cond = make_cond(context, pooled, batch_sizes(batch) if sdxl else None, sdxl=sdxl, drop_sizes=drop_sizes)
+        return loss_fn(z0.float(), cond, keyed_generators(cfg.seed, epoch, idx, "loss", device))
+
+    @torch.no_grad()
+    def encode_frozen(texts: list[str]) -> tuple[Tensor, Tensor | None]:
+        if not cfg.cache.text:
+            return towers(tokenize(towers, texts, device))
+        new = sorted({t for t in texts if t not in text_cache})
+        if new:
+            context, pooled = towers(tokenize(towers, new, device))
+            for i, t in enumerate(new):
+                text_cache[t] = (context[i].cpu(), None if pooled is None else pooled[i].cpu())
+        context = torch.stack([text_cache[t][0] for t in texts]).to(device)
+        pooled = None if text_cache[texts[0]][1] is None else torch.stack([text_cache[t][1] for t in texts]).to(device)
+        return context, pooled
+
+    # ---- the loop
+    progress = tqdm(total=cfg.max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
+    losses: dict[int, float] = {}
+    window_images, window_start = 0.0, time.perf_counter()
+    last_good: tuple[int, dict] | None = None
+    while state.step < cfg.max_steps:
+        lr = cfg.optim.lr * cfg.lr_schedule.factor(state.step, cfg.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_losses, n_images = [], 0
+        for micro in range(cfg.grad_accum):
+            epoch, consumed, batch = next(batches)
+            state.epoch, state.batch_in_epoch = epoch, consumed
+            weight = 1.0
+            if batch is None:  # no readable image in this batch: take part in the collectives with a zero loss
+                if world == 1:
+                    continue
+                if last_good is None:
+                    raise RuntimeError("the first batch of this process holds no readable image")
+                (epoch, batch), weight = last_good, 0.0
+            else:
+                last_good = (epoch, batch)
+                n_images += len(batch["text"])
+            with ExitStack() as no_sync:
+                if micro < cfg.grad_accum - 1:
+                    for m in wrapped:
+                        no_sync.enter_context(accelerator.no_sync(m))
+                result = micro_step(epoch, batch)
+                accelerator.backward(result.loss * (weight / cfg.grad_accum))
+            if weight:
+                step_losses.append(result.loss.detach().float())
+        local = torch.stack(step_losses).mean() if step_losses else torch.zeros((), device=device)
+        totals = accelerator.reduce(torch.stack([(~torch.isfinite(local)).float(), local.nan_to_num(0.0),
+                                                 torch.tensor(float(n_images), device=device)]), "sum")  # fmt: skip
+        loss_nonfinite, mean_loss, step_images = bool(totals[0] > 0), float(totals[1]) / world, float(totals[2])
+        nonfinite, grad_norm = loss_nonfinite, float("nan")
+        if not nonfinite:
+            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+            nonfinite = not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16"  # fp16: the scaler decides
+        if nonfinite:
+            optimizer.zero_grad(set_to_none=True)
+            state.skipped_nonfinite += 1
+            state.consecutive_nonfinite += 1
+            if main:
+                logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", state.step + 1,
+                               state.consecutive_nonfinite)  # fmt: skip
+            if state.consecutive_nonfinite >= cfg.max_consecutive_skips:
+                raise NonFiniteLossError(
+                    f"{state.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or gradient "
+                    f"(max_consecutive_skips={cfg.max_consecutive_skips}); stopped at step {state.step + 1}. The last "
+                    f"checkpoint is {ckpt.find_latest(ckroot)}; try a lower optim.lr or mixed_precision=bf16/no"
+                )
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.consecutive_nonfinite = 0
+            if accelerator.optimizer_step_was_skipped:
+                state.skipped_scaler += 1
+            elif ema is not None:
+                ema.update(trainable)
+        state.step += 1
+        state.images_seen += int(step_images)
+        window_images += step_images
+        losses[state.step] = float("nan") if loss_nonfinite else mean_loss
+        progress.update(1)
+
+        if main and (state.step % cfg.log_every == 0 or state.step == cfg.max_steps):
+            elapsed = time.perf_counter() - window_start
+            values = {"loss": losses[state.step], "lr": lr, "grad_norm": grad_norm, "epoch": state.epoch,
+                      "images_per_s": window_images / elapsed if elapsed > 0 else 0.0,
+                      "skipped_nonfinite": state.skipped_nonfinite, "skipped_scaler": state.skipped_scaler}  # fmt: skip
+            metrics.log(state.step, values)
+            progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
+            window_images, window_start = 0.0, time.perf_counter()
+        done = state.step == cfg.max_steps
+        if cfg.validation.prompts and ((cfg.validation.every and state.step % cfg.validation.every == 0) or done):
+            validate(cfg, bundle, trainable, ema, state.step, out, metrics, main, device)
+            accelerator.wait_for_everyone()
+            window_start = time.perf_counter()
+        if done or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
+            save_state(cfg, state, trainable, param_names, optimizer, ema, ckroot, accelerator)
+            window_start = time.perf_counter()  # throughput counts training only
+    progress.close()
+
+    # ---- the deliverables
+    if main:
+        save_final(cfg, bundle, trainable, ema, out)
+        metrics.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"state": state, "output_dir": out, "losses": losses}
+
+
+# ------------------------------------------------------------------------------------- state, validation, saving
+
+
+def save_state(cfg, state, trainable, param_names, optimizer, ema, ckroot, accelerator) -> Path:
+    main = accelerator.is_main_process
+    return ckpt.save_checkpoint(
+        ckroot, state,
+        model_state={k: p.detach() for k, p in trainable.named_tensors().items()} if main else None,
+        optimizer_state=optimizer.state_dict() if main else None, param_names=param_names,
+        ema_state=ema.state_dict() if (ema is not None and main) else None, generator=None,
+        config_yaml=to_yaml(cfg), rank=accelerator.process_index, world_size=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone, keep_last=cfg.keep_last,
+    )  # fmt: skip
+
+
+def resume(path: Path, cfg, trainable, param_names, optimizer, ema, rank: int, world: int) -> ckpt.TrainState:
+    """Load a checkpoint folder into the live objects; returns its TrainState (the data position included)."""
+    state = ckpt.read_train_state(path)
+    changed = _changed_settings(path / "config.yaml", cfg)
+    if changed:
+        logger.warning("resuming with settings that differ from the checkpoint's (the run is then not the one an "
+                       "uninterrupted run would have been): %s", ", ".join(changed))  # fmt: skip
+    weights = read_state_dict(path / "model.safetensors")
+    if sorted(weights) != sorted(param_names):
+        missing, extra = sorted(set(param_names) - set(weights)), sorted(set(weights) - set(param_names))
+        raise CheckpointError(f"{path / 'model.safetensors'}: holds other weights than this run trains: missing "
+                              f"{missing[:3]} ({len(missing)}), unexpected {extra[:3]} ({len(extra)})")  # fmt: skip
+    with torch.no_grad():
+        for name, p in trainable.named_tensors().items():
+            if weights[name].shape != p.shape:
+                raise CheckpointError(f"{path / 'model.safetensors'}: {name} has shape {tuple(weights[name].shape)}, "
+                                      f"the model {tuple(p.shape)}")  # fmt: skip
+            p.copy_(weights[name])
+    optimizer.load_state_dict(ckpt.read_optimizer_state(path, param_names))
+    for group in optimizer.param_groups:  # hyper-parameters come from this run's config
+        group.update(betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    if ema is not None:
+        if (path / "ema.json").is_file():
+            ema.load_state_dict(ckpt.read_state(path / "ema"))
+        else:
+            logger.warning("%s has no EMA state: the EMA starts from the resumed weights", path)
+            current = {f"shadow.{n}": p.detach() for n, p in trainable.named_parameters()}
+            ema.load_state_dict({**current, "num_updates": torch.tensor(0)})
+    if state.world_size == world:
+        ckpt.load_rng(path / "rng" / f"rank-{rank}")
+    else:  # the same global position, in this run's per-process batches; draws stay keyed, so only order moves
+        logger.warning("checkpoint written by %d processes, resuming with %d: not bit-exact", state.world_size, world)
+        state.batch_in_epoch = state.batch_in_epoch * state.world_size // world
+        torch.manual_seed(keyed_seed(cfg.seed, "process", rank, state.step))
+    state.world_size = world
+    return state
+
+
+# settings whose change makes a resumed run differ from the uninterrupted one (max_steps, logging, validation ... may change)
+_EXACTNESS_KEYS = ("model", "data", "shapes", "loss", "optim", "lr_schedule", "batch_size", "grad_accum", "seed", "ema",
+                   "lora", "train_text_encoder", "cond_dropout", "mixed_precision", "grad_clip")  # fmt: skip
+
+
+def _changed_settings(saved_yaml: Path, cfg: TrainConfig) -> list[str]:
+    import yaml
+
+    try:
+        saved = yaml.safe_load(saved_yaml.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return ["(the checkpoint's config.yaml is unreadable)"]
+    now = yaml.safe_load(to_yaml(cfg))
+    return [k for k in _EXACTNESS_KEYS if saved.get(k) != now.get(k)]
+
+
+def validate(cfg, bundle, trainable, ema, step, out, metrics, main, device) -> None:
+    if not main:
+        return
+    use_ema = ema is not None and cfg.validation.use_ema
+    if use_ema:
+        ema.store(trainable)
+        ema.copy_to(trainable)
+    was_training = bundle.unet.training, bundle.text.training
+    bundle.unet.eval()
+    bundle.text.eval()
+    try:
+        size = cfg.validation.size(cfg.data.size)
+        images = sample_validation(bundle, cfg.validation, size, device=device, dtype=torch.float32)
+    finally:
+        bundle.unet.train(was_training[0])
+        bundle.text.train(was_training[1])
+        if use_ema:
+            ema.restore(trainable)
+    k = cfg.validation.images_per_prompt
+    path = save_grid(images, out / "validation" / f"{ckpt.step_dir_name(step)}.png", k if k > 1 else len(images))
+    metrics.image("validation", images, step)
+    logger.info("validation images: %s", path)
+
+
+def save_final(cfg, bundle, trainable, ema, out: Path) -> None:
+    """model/ (ldm bundle), model-ema/ (bundle with the EMA weights), or with LoRA lora[-ema].safetensors and
+    model/ with the adapters merged."""
+    if cfg.lora is not None:
+        meta = {"rank": str(cfg.lora.rank), "alpha": str(cfg.lora.alpha), "target_modules": ",".join(cfg.lora.target_modules)}
+        write_safetensors(lora_state_dict(bundle.unet), out / "lora.safetensors", metadata=meta)
+        if ema is not None:
+            ema.store(trainable)
+            ema.copy_to(trainable)
+            write_safetensors(lora_state_dict(bundle.unet), out / "lora-ema.safetensors", metadata=meta)
+            ema.restore(trainable)
+        merge_lora(bundle.unet)
+        save_bundle(bundle, out / "model")
+    else:
+        save_bundle(bundle, out / "model")
+        if ema is not None:
+            ema.store(trainable)
+            ema.copy_to(trainable)
+            save_bundle(bundle, out / "model-ema")
+            ema.restore(trainable)
+    logger.info("saved %s", out / "model")
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+
+def run_args(args: argparse.Namespace) -> int:
+    cfg = load_train_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    result = train(cfg)
+    s = result["state"]
+    logger.info("done: %d steps, %d images, %d skipped (non-finite), %d skipped (fp16 scaler)", s.step,
+                s.images_seen, s.skipped_nonfinite, s.skipped_scaler)  # fmt: skip
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.train CONFIG [KEY=VALUE ...]`` (what ``accelerate launch -m training.train`` runs)."""
+    from .cli import DESCRIPTION, add_arguments
+
+    parser = argparse.ArgumentParser(prog="training.train", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_args(args)
+    except (ValueError, CheckpointError) as e:  # bad input: one line, exit code 2
+        print(f"ldm train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
