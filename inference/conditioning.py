@@ -32,8 +32,7 @@ from torch import Tensor
 
 from ldm.bundle import Bundle
 from ldm.conditioning import Cond
-from ldm.model_config import SDXL_SIZE_EMBED_DIM, SDXL_SIZE_IDS
-from ldm.unet_blocks import timestep_embedding
+from ldm.model_config import SDXL_SIZE_EMBED_DIM, SDXL_SIZE_IDS, sdxl_size_embedding
 from text_encoder.prompts import encode_prompts
 
 VECTOR_KINDS = ("none", "pooled", "sdxl")
@@ -64,10 +63,9 @@ def zeros_for_empty_negative(bundle: Bundle) -> bool:
 
 def size_embedding(batch: int, original_size: tuple[int, int], crop: tuple[int, int], target_size: tuple[int, int],
                    *, device=None) -> Tensor:  # fmt: skip
-    """(B, 6 * 256) float32: the sinusoid of each id (h, w, top, left, h, w), concatenated in that order."""
-    ids = torch.tensor([*original_size, *crop, *target_size], dtype=torch.float32, device=device)  # (6,)
-    emb = timestep_embedding(ids, SDXL_SIZE_EMBED_DIM).reshape(1, -1)  # (1, 6 * 256)
-    return emb.expand(batch, -1)
+    """(B, 6 * 256) float32: the same ids (h, w, top, left, h, w) for every row (ldm.model_config.sdxl_size_embedding)."""
+    ids = torch.tensor([[*original_size, *crop, *target_size]], dtype=torch.float32, device=device)  # (1, 6)
+    return sdxl_size_embedding(ids).expand(batch, -1)
 
 
 @dataclass

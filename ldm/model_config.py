@@ -34,6 +34,15 @@ SDXL_SIZE_IDS = 6  # original size (h, w), crop top-left (top, left), target siz
 SDXL_SIZE_EMBED_DIM = 256  # sinusoidal features per id (diffusers: addition_time_embed_dim)
 
 
+def sdxl_size_embedding(sizes):
+    """(B, 6) ids (original h, w, crop top, left, target h, w) -> (B, 6 * 256) fp32: each id's sinusoid, in order
+    (Podell et al. 2023, sec. 2.2; the U-Net's vector is the pooled text followed by this)."""
+    from .unet_blocks import timestep_embedding
+
+    b = sizes.shape[0]
+    return timestep_embedding(sizes.flatten().float(), SDXL_SIZE_EMBED_DIM).reshape(b, -1)
+
+
 @dataclass
 class ModelConfig:
     family: str = choice("sd1", *FAMILIES)

@@ -125,3 +125,11 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, monkeypatch):
         write_safetensors({"a": torch.zeros(3)}, path)
     assert torch.equal(read_state_dict(path)["a"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    path = tmp_path / "p.safetensors"
+    write_safetensors({"a": torch.ones(1)}, path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)

@@ -27,10 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from ldm.conditioning import Cond
-from ldm.model_config import SDXL_SIZE_EMBED_DIM
-from ldm.unet_blocks import timestep_embedding
+from ldm.model_config import sdxl_size_embedding
 
-__all__ = ["TextTowers", "drop_flags", "keyed_generators", "keyed_seed", "make_cond", "size_embedding", "tokenize"]
+__all__ = ["TextTowers", "drop_flags", "keyed_generators", "keyed_seed", "make_cond", "tokenize"]
 
 
 class TextTowers(nn.Module):
@@ -55,12 +54,6 @@ def tokenize(towers: TextTowers | nn.ModuleList, texts: Sequence[str], device: t
     return [tower.tokenize(list(texts)).to(device) for tower in module_list]
 
 
-def size_embedding(sizes: Tensor) -> Tensor:
-    """(B, 6) long (orig h, orig w, crop top, crop left, target h, target w) -> (B, 6 * 256) fp32."""
-    b = sizes.shape[0]
-    return timestep_embedding(sizes.flatten(), SDXL_SIZE_EMBED_DIM).reshape(b, -1)
-
-
 def make_cond(context: Tensor, pooled: Tensor | None, sizes: Tensor | None, *, sdxl: bool,
               drop_sizes: Tensor | None = None) -> Cond:  # fmt: skip
     """The U-Net's Cond. SDXL: vector = [pooled, size embedding], the latter zeroed where ``drop_sizes`` (B,)."""
@@ -68,7 +61,7 @@ def make_cond(context: Tensor, pooled: Tensor | None, sizes: Tensor | None, *, s
         return Cond(context=context)
     if pooled is None or sizes is None:
         raise ValueError("SDXL conditioning needs the pooled text vector and the image sizes")
-    emb = size_embedding(sizes.to(pooled.device)).to(pooled.dtype)  # (B, 1536)
+    emb = sdxl_size_embedding(sizes.to(pooled.device)).to(pooled.dtype)  # (B, 1536)
     if drop_sizes is not None:
         emb = emb * (~drop_sizes.to(emb.device))[:, None].to(emb.dtype)
     return Cond(context=context, vector=torch.cat([pooled, emb], dim=-1))
