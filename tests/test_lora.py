@@ -21,14 +21,6 @@ CFG = CONFIGS["sd1"]
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_unet(seed=1):
     torch.manual_seed(0)
     net = UNet(CFG).eval()

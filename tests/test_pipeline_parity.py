@@ -54,14 +54,6 @@ SCHEDULERS = {  # our sampler -> the diffusers scheduler with the same step plac
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tokenizers(hf_tokenizer):  # noqa: F811
     tok = copy.deepcopy(hf_tokenizer)

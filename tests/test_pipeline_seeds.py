@@ -34,14 +34,6 @@ SEED = 1234
 KW = dict(steps=3, width=SIZE, height=SIZE, negative="blurry", cfg_scale=5.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     b = Bundle(ModelConfig.tiny("sd1"))

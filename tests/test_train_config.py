@@ -15,7 +15,7 @@ import torch
 
 from ldm.checkpoint import read_state_dict
 from ldm.config import ConfigError, load_config, to_yaml
-from tests.test_train_smoke import one_thread, tiny_config  # noqa: F401 (one_thread: autouse fixture)
+from tests.test_train_smoke import tiny_config
 from training.config import LRScheduleConfig, TrainConfig, load_train_config
 from training.train import train
 

@@ -19,7 +19,7 @@ import training.checkpointing as ckpt_mod
 import training.train as train_mod
 from ldm.checkpoint import CheckpointError, read_state_dict
 from ldm.loss import DiffusionLoss
-from tests.test_train_smoke import one_thread, tiny_config  # noqa: F401 (one_thread: autouse fixture)
+from tests.test_train_smoke import tiny_config
 from training.checkpointing import (
     TrainState, find_latest, join_state, list_checkpoints, load_rng, read_optimizer_state, save_checkpoint, split_state,
 )

@@ -30,14 +30,6 @@ from training.datasets_io import ImageCaptionDataset
 from training.train import NonFiniteLossError, build_bundle, train
 from training.train_data import open_train_dataset
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, OpenMP threads of parallel test runs oversubscribe it badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # A smaller ModelConfig.tiny('sd1'): 2 U-Net levels, 16 channels, an f2 VAE, one text block.
 TINY_MODEL = [

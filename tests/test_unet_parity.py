@@ -119,15 +119,6 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - ref).abs().max() / ref.abs().max()).item()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and keeps the shared CPU cores free."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # (backend, sdpa kernel): the reference formula, PyTorch's choice, and the kernels that exist on CPU.
 BACKENDS = [("math", "auto"), ("sdpa", "auto"), ("sdpa", "math"), ("sdpa", "flash")]
 with warnings.catch_warnings():  # not installed here: the probe's one warning is expected
