@@ -35,7 +35,7 @@ class ScheduleConfig:
     zero_terminal_snr: bool = False  # Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed"
 
     def __post_init__(self) -> None:
-        _choice("schedule.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        check_choice("schedule.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         if self.num_train_timesteps < 2:
             raise ValueError(f"schedule.num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
         if not 0 < self.beta_start <= self.beta_end < 1:
@@ -45,7 +45,7 @@ class ScheduleConfig:
             )
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}: unknown value {value!r}; allowed: {', '.join(allowed)}")
 
@@ -145,7 +145,7 @@ class DiscreteSchedule:
     def timesteps(self, steps: int, spacing: str = "leading", steps_offset: int = 0, round_linspace: bool = False) -> Tensor:
         """(steps,) descending float64 timesteps, spaced as diffusers' ``timestep_spacing`` does."""
         check_steps(steps)
-        _choice("timestep spacing", spacing, TIMESTEP_SPACINGS)
+        check_choice("timestep spacing", spacing, TIMESTEP_SPACINGS)
         n = self.num_train_timesteps
         if steps > n:
             raise ValueError(f"steps={steps} exceeds the model's num_train_timesteps={n}")
@@ -181,8 +181,8 @@ class DiscreteSchedule:
         - ``multistep`` (DPM-Solver multistep, UniPC): linspace/leading space ``steps + 1`` points and drop the
           last, rounded; Karras/exponential span the whole training range [sigmas[0], sigmas[-1]].
         """
-        _choice("sigma spacing", sigma_spacing, SIGMA_SPACINGS)
-        _choice("convention", convention, CONVENTIONS)
+        check_choice("sigma spacing", sigma_spacing, SIGMA_SPACINGS)
+        check_choice("convention", convention, CONVENTIONS)
         check_steps(steps)
         if convention == "multistep" and spacing != "trailing":
             t = self.timesteps(steps + 1, spacing, steps_offset, round_linspace=True)[:-1]

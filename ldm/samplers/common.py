@@ -14,6 +14,7 @@ Every sampler is a plain function (k-diffusion's shape, typed):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -80,6 +81,19 @@ def randn_per_sample(generators: Sequence[torch.Generator], shape, device, dtype
     """(B, *shape) standard normal, row b from generators[b]."""
     rows = [torch.randn(tuple(shape), generator=g, device=g.device, dtype=torch.float32) for g in generators]
     return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def check_nonnegative(name: str, value: float) -> float:
+    """A finite real option >= 0 (eta, s_noise ...), as a float; ValueError naming the option otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_positive_before_last(s: list[float]) -> None:
+    """Only the final sigma may be 0: eps = (x - D) / sigma is undefined at sigma = 0."""
+    if min(s[:-1]) <= 0:
+        raise ValueError(f"sigmas: only the last entry may be 0 (eps = (x - x0) / sigma needs sigma > 0), got {s}")
 
 
 def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:

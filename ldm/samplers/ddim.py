@@ -24,22 +24,13 @@ at schedule.sigma_min; a final sigma of 0 lands exactly on the last x0 predictio
 """
 from __future__ import annotations
 
-import math
 
 from torch import Tensor
 
-from .common import Callback, DenoiseFn, NoiseFn, Step, ancestral_step, prepare, randn_noise, register, sigma_vec, to_d
-
-
-def check_positive_before_last(s: list[float]) -> None:
-    """Only the final sigma may be 0: eps = (x - D) / sigma is undefined at sigma = 0."""
-    if min(s[:-1]) <= 0:
-        raise ValueError(f"sigmas: only the last entry may be 0 (eps = (x - x0) / sigma needs sigma > 0), got {s}")
-
-
-def check_eta(eta: float) -> None:
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = DDPM posterior noise), got {eta!r}")
+from .common import (
+    Callback, DenoiseFn, NoiseFn, Step, ancestral_step, check_nonnegative, check_positive_before_last, prepare, randn_noise,
+    register, sigma_vec, to_d,
+)
 
 
 def ddim_step(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float, eta: float, noise: NoiseFn | None) -> Tensor:
@@ -67,7 +58,7 @@ def sample_ddim(
     """DDIM (Song et al. 2021): deterministic for eta = 0 (then an Euler step), fresh noise for eta > 0."""
     s = prepare(x, sigmas)
     check_positive_before_last(s)
-    check_eta(eta)
+    check_nonnegative("eta", eta)  # 0 = deterministic DDIM, 1 = the DDPM posterior noise
     noise = noise if noise is not None else randn_noise(x)
     for i in range(len(s) - 1):
         denoised = denoise(x, sigma_vec(x, s[i]))  # (B, C, H, W)

@@ -36,9 +36,9 @@ import math
 
 from torch import Tensor
 
-from ..schedule import _choice
+from ..schedule import check_choice
 from .common import Callback, DenoiseFn, NoiseFn, Step, prepare, randn_noise, register, sigma_vec
-from .euler import check_nonnegative
+from .common import check_nonnegative
 
 SOLVER_TYPES = ("midpoint", "heun")
 THIRD_ORDERS = ("diffusers", "k-diffusion")
@@ -88,8 +88,8 @@ def _multistep(
     s = prepare(x, sigmas)
     eta = check_nonnegative("eta", eta)
     s_noise = check_nonnegative("s_noise", s_noise)
-    _choice("solver_type", solver_type, SOLVER_TYPES)
-    _choice("third_order", third_order, THIRD_ORDERS)
+    check_choice("solver_type", solver_type, SOLVER_TYPES)
+    check_choice("third_order", third_order, THIRD_ORDERS)
     _flag("lower_order_final", lower_order_final)
     _flag("euler_at_final", euler_at_final)
     if any(a == b > 0 for a, b in zip(s, s[1:])):

@@ -18,14 +18,10 @@ import math
 
 from torch import Tensor
 
-from .common import Callback, DenoiseFn, NoiseFn, Step, ancestral_step, prepare, randn_noise, register, sigma_vec, to_d
-
-
-def check_nonnegative(name: str, value: float) -> float:
-    """A finite real option >= 0 (eta, s_noise ...), as a float; ValueError naming the option otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+from .common import (
+    Callback, DenoiseFn, NoiseFn, Step, ancestral_step, check_nonnegative, prepare, randn_noise,
+    register, sigma_vec, to_d,
+)
 
 
 @register("euler")

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..denoiser import PREDICTIONS, scalings, training_target
 from .common import Callback, DenoiseFn, NoiseFn, Step, prepare, register, sigma_vec, to_d
-from .ddim import check_positive_before_last
+from .common import check_positive_before_last
 
 # Adams-Bashforth numerators (newest first) and denominator, by order (Liu et al. 2022, eq. 12)
 ADAMS_BASHFORTH = {1: ((1,), 1), 2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}
