@@ -34,6 +34,10 @@ batch_size is per process: an optimizer step sees batch_size * grad_accum * proc
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="YAML file with the TrainConfig settings")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override settings, e.g. optim.lr=3e-4")
+    parser.add_argument("--resume", metavar="WHERE", default=None,
+                        help="'latest' (the newest complete checkpoint in output_dir; an error if there is none), "
+                             "'auto' (that one if any, the default), 'never', or a checkpoint folder; "
+                             "the same as the override resume=WHERE")  # fmt: skip
     parser.add_argument("--print-config", action="store_true",
                         help="print the complete, validated configuration as YAML and exit")  # fmt: skip
 

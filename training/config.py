@@ -4,7 +4,9 @@
 
 Sections and what they configure:
 
-    model          where the networks come from: a preset (random init, training from scratch) or a checkpoint
+    task           unet: the denoiser (+ text towers, or LoRA) on a frozen VAE | vae: the autoencoder itself
+    model          where the networks come from: a preset (random init, training from scratch) or a checkpoint;
+                   ``model.vae``: take the VAE (weights and config) from another model, e.g. a task=vae run
     data           DataConfig (training/data_config.py); ``data.source: shapes`` is the builtin procedural dataset
     shapes         rows and ShapesConfig fields (ldm/shapes/config.py) of that builtin dataset
     loss           LossConfig (ldm/loss.py): weighting, noise offset, input perturbation
@@ -13,7 +15,8 @@ Sections and what they configure:
     lora           null, or LoRAConfig (ldm/lora.py): train low-rank adapters of the U-Net only
     cond_dropout   per condition, the probability of dropping it for classifier-free guidance
     cache          keep VAE latents / text embeddings of the dataset in memory instead of recomputing them
-    validation     prompts sampled every N steps to a PNG grid
+    validation     prompts sampled every N steps to a PNG grid (task=vae: dataset images and reconstructions)
+    vae_loss       task=vae: VAELossConfig (autoencoder/loss.py): reconstruction, KL weight, discriminator
 
 ``batch_size`` is per process and micro-batch: one optimizer step sees ``batch_size * grad_accum * processes``
 images. ``max_steps`` counts optimizer steps; a step skipped for a non-finite loss still counts (it consumed
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from autoencoder.loss import VAELossConfig
 from ldm.config import ConfigError, check_choices, choice, load_config, parse_overrides
 from ldm.lora import LoRAConfig
 from ldm.loss import LossConfig
@@ -69,10 +73,13 @@ class ModelSource:
 
     source: str = "tiny"  # tiny | tiny-sd2 | tiny-sdxl | sd15 | sd21-v | sd21-base | sdxl-base | a path
     overrides: list[str] = field(default_factory=list)  # ModelConfig KEY=VALUE, e.g. diffusion.prediction=v
+    vae: Optional[str] = None  # a model (any format) whose VAE, weights and config, replaces this one's
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
             raise ValueError(f"model.source: must be a preset name or a path, got {self.source!r}")
+        if self.vae is not None and not os.path.exists(self.vae):
+            raise ValueError(f"model.vae: no such checkpoint file or folder: {self.vae!r}")
         try:
             parse_overrides(self.overrides)
         except ConfigError as e:
@@ -210,14 +217,15 @@ class ValidationConfig:
     negative_prompt: str = ""  # the unconditional branch of classifier-free guidance
     resolution: Optional[Any] = None  # int or [height, width]; null: the training resolution
     use_ema: bool = True  # sample with the EMA weights when EMA is on
+    recon_images: int = 8  # task=vae: the first N dataset images, reconstructed at each validation
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(name="euler", steps=20, cfg_scale=5.0, seed=0))
 
     def __post_init__(self) -> None:
         if not all(isinstance(p, str) for p in self.prompts):
             raise ValueError(f"validation.prompts: must be a list of strings, got {self.prompts!r}")
         self.prompts = list(self.prompts)
-        for name in ("every", "images_per_prompt"):
-            low = 0 if name == "every" else 1
+        for name in ("every", "images_per_prompt", "recon_images"):
+            low = 0 if name in ("every", "recon_images") else 1
             if not _is_int(getattr(self, name)) or getattr(self, name) < low:
                 raise ValueError(f"validation.{name}: must be an integer >= {low}, got {getattr(self, name)!r}")
         if self.resolution is not None:
@@ -237,6 +245,7 @@ class ValidationConfig:
 
 @dataclass
 class TrainConfig:
+    task: str = choice("unet", "unet", "vae")  # what is trained: the denoiser, or the autoencoder
     model: ModelSource = field(default_factory=ModelSource)
     data: DataConfig = field(default_factory=DataConfig)
     shapes: dict[str, Any] = field(default_factory=lambda: {SHAPES_ROWS: 1000})  # data.source: shapes only
@@ -257,8 +266,10 @@ class TrainConfig:
     max_consecutive_skips: int = 10  # stop after this many optimizer steps in a row with a non-finite loss
     checkpoint_every: int = 500  # optimizer steps between checkpoints; 0: only at the end
     keep_last: int = 3  # checkpoints kept (older ones deleted once a newer one is complete); 0: keep all
-    resume: str = "auto"  # auto: the latest checkpoint in output_dir if any | never | a checkpoint folder
+    resume: str = "auto"  # auto: the latest checkpoint in output_dir if any | latest: it must exist | never | a folder
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    vae_loss: VAELossConfig = field(default_factory=VAELossConfig)  # task=vae
+    vae_fit_scale: bool = True  # task=vae: set the saved VAE's scale_factor to 1 / std of its latents
     output_dir: str = "runs/train"
     log_every: int = 10  # optimizer steps between log lines / metric records
 
@@ -272,8 +283,10 @@ class TrainConfig:
             raise ValueError(f"grad_clip: must be a number > 0 or null, got {self.grad_clip!r}")
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
             raise ValueError(f"output_dir: must be a non-empty path, got {self.output_dir!r}")
-        if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
-            raise ValueError(f"resume: must be auto, never or an existing checkpoint folder, got {self.resume!r}")
+        if self.resume not in ("auto", "never", "latest") and not Path(self.resume).is_dir():
+            raise ValueError(f"resume: must be auto, latest, never or an existing checkpoint folder, got {self.resume!r}")
+        if self.task == "vae":
+            self._check_vae_task()
         if self.lora is not None and self.train_text_encoder:
             raise ValueError("train_text_encoder: cannot be combined with lora (LoRA adapts the U-Net only); "
                              "set one of train_text_encoder=false or lora=null")  # fmt: skip
@@ -290,6 +303,14 @@ class TrainConfig:
         src = self.data.source
         if src != SHAPES_SOURCE and not any(c in src for c in "*?[") and not os.path.exists(src):
             raise ValueError(f"data.source: no such file or folder: {src!r} (or the builtin dataset '{SHAPES_SOURCE}')")
+
+    def _check_vae_task(self) -> None:
+        clashes = [("lora", self.lora is not None, "null"), ("train_text_encoder", self.train_text_encoder, "false"),
+                   ("cache.latents", self.cache.latents, "false"), ("cache.text", self.cache.text, "false"),
+                   ("model.vae", self.model.vae is not None, "null")]  # fmt: skip
+        for key, bad, fix in clashes:
+            if bad:
+                raise ValueError(f"{key}: has no meaning when training the autoencoder (task=vae); set {key}={fix}")
 
     def _check_shapes(self) -> None:
         if self.data.source != SHAPES_SOURCE:

@@ -5,7 +5,7 @@
     result = train(load_train_config("configs/train/tiny.yaml"))          # from Python
 
 Read it top to bottom in ``train``: build the bundle and decide what is trained (U-Net, + text towers, or LoRA
-adapters only); frozen networks go to the device in the compute dtype, trained ones stay fp32 and go through
+adapters only; or, with ``task: vae``, the autoencoder and its discriminator: training/vae_task.py); frozen networks go to the device in the compute dtype, trained ones stay fp32 and go through
 ``accelerator.prepare``; data; optimizer; EMA; resume; then the loop. One optimizer step:
 
     for each of grad_accum micro-batches:        (gradients synchronised across processes on the last one only)
@@ -28,6 +28,7 @@ weights and optimizer states gathered (see the note in configs/accelerate/fsdp.y
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import random
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 
 import autoencoder  # noqa: F401  (registers the VAE component)
 import text_encoder  # noqa: F401  (registers the text-tower component)
+from autoencoder.loss import VAELoss
 from autoencoder.vae import sample_posterior
 from ldm.bundle import Bundle, load_bundle, save_bundle
 from ldm.checkpoint import CheckpointError, read_state_dict, write_safetensors
@@ -55,6 +57,7 @@ from .conditions import TextTowers, batch_sizes, drop_flags, keyed_generators, k
 from .config import OptimConfig, TrainConfig, load_train_config
 from .metrics import MetricsLog
 from .train_data import ROW_INDEX, BatchStream, cache_latents, train_rows
+from .vae_task import VAETrainStep, fit_scale_factor, fixed_images, reconstruct_grid
 from .validation import sample_validation, save_grid
 
 logger = logging.getLogger("ldm.train")
@@ -81,11 +84,21 @@ class Trainable(nn.Module):
 
 
 def build_bundle(cfg: TrainConfig) -> Bundle:
-    """From scratch (seeded random init, fp32 on the CPU) or loaded from a checkpoint (its stored dtypes)."""
+    """From scratch (seeded random init, fp32 on the CPU) or loaded from a checkpoint (its stored dtypes); with
+    ``model.vae`` the VAE (weights and config) of another model replaces the bundle's."""
     if cfg.model.from_scratch:
         torch.manual_seed(cfg.seed)
-        return Bundle(cfg.model.model_config()).eval()
-    return load_bundle(cfg.model.source, config_overrides=cfg.model.overrides, progress=logger.info)
+        bundle = Bundle(cfg.model.model_config()).eval()
+    else:
+        bundle = load_bundle(cfg.model.source, config_overrides=cfg.model.overrides, progress=logger.info)
+    if cfg.model.vae is not None:
+        donor = load_bundle(cfg.model.vae, progress=logger.info)
+        if donor.config.vae.latent_channels != bundle.config.unet.out_channels:
+            raise ValueError(f"model.vae: {cfg.model.vae} has {donor.config.vae.latent_channels} latent channels, "
+                             f"the U-Net predicts {bundle.config.unet.out_channels}")  # fmt: skip
+        bundle.vae = donor.vae.to(torch.float32)
+        bundle.config = dataclasses.replace(bundle.config, vae=donor.config.vae)
+    return bundle
 
 
 def make_optimizer(ocfg: OptimConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
@@ -99,6 +112,23 @@ def make_optimizer(ocfg: OptimConfig, params: list[nn.Parameter], device: torch.
         return torch.optim.AdamW(params, fused=fused or None, **kw)
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"optim.fused: torch's fused AdamW is not available here ({e}); set optim.fused=null") from None
+
+
+def _unet_side(cfg: TrainConfig, bundle: Bundle, device, weight_dtype) -> dict[str, nn.Parameter]:
+    """Set up what task=unet trains (U-Net [+ text towers], or LoRA adapters on a frozen U-Net); their parameters."""
+    if cfg.lora is not None:  # frozen base in the compute dtype, fp32 adapters, only they are trained
+        bundle.unet.to(dtype=weight_dtype)
+        inject_lora(bundle.unet, cfg.lora, generator=torch.Generator().manual_seed(keyed_seed(cfg.seed, "lora")),
+                    dtype=torch.float32)  # fmt: skip
+        bundle.unet.to(device)
+    else:
+        bundle.unet.to(device, torch.float32).requires_grad_(True)
+    bundle.text.to(device, torch.float32 if cfg.train_text_encoder else weight_dtype)
+    bundle.text.requires_grad_(cfg.train_text_encoder)
+    bundle.unet.train()
+    bundle.text.train(cfg.train_text_encoder)
+    named = {f"unet.{n}": p for n, p in bundle.unet.named_parameters() if p.requires_grad}
+    return named | {f"text.{n}": p for n, p in bundle.text.named_parameters() if p.requires_grad}
 
 
 def _check_sizes(cfg: TrainConfig, bundle: Bundle) -> None:
@@ -131,8 +161,9 @@ def train(cfg: TrainConfig) -> dict:
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
-    # trained text towers may leave blocks unused (SD 2.x reads the penultimate block): let DDP allow that
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train_text_encoder)
+    # trained text towers may leave blocks unused (SD 2.x reads the penultimate block), and the discriminator waits
+    # for vae_loss.disc_start: let DDP allow that
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train_text_encoder or cfg.task == "vae")
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
     try:
         return _train(cfg, accelerator)
@@ -161,34 +192,37 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     sdxl = bundle.config.family == "sdxl"
     _check_sizes(cfg, bundle)
     bundle.requires_grad_(False)
-    bundle.vae.to(device, weight_dtype)
-    if cfg.lora is not None:  # frozen base in the compute dtype, fp32 adapters, only they are trained
-        bundle.unet.to(dtype=weight_dtype)
-        inject_lora(bundle.unet, cfg.lora, generator=torch.Generator().manual_seed(keyed_seed(cfg.seed, "lora")),
-                    dtype=torch.float32)  # fmt: skip
-        bundle.unet.to(device)
+    vae_step = None
+    if cfg.task == "vae":  # the autoencoder and its discriminator are trained (training/vae_task.py)
+        bundle.vae.to(device, torch.float32).requires_grad_(True).train()
+        torch.manual_seed(keyed_seed(cfg.seed, "discriminator"))
+        vae_step = VAETrainStep(bundle.vae, VAELoss(cfg.vae_loss).to(device))
+        named = {f"vae.{n}": p for n, p in bundle.vae.named_parameters()}
+        named |= {f"disc.{n}": p for n, p in vae_step.criterion.discriminator.named_parameters()}
     else:
-        bundle.unet.to(device, torch.float32).requires_grad_(True)
-    bundle.text.to(device, torch.float32 if cfg.train_text_encoder else weight_dtype)
-    bundle.text.requires_grad_(cfg.train_text_encoder)
-    bundle.unet.train()
-    bundle.text.train(cfg.train_text_encoder)
+        bundle.vae.to(device, weight_dtype)
+        named = _unet_side(cfg, bundle, device, weight_dtype)
     towers = TextTowers(bundle.text)
-    named = {f"unet.{n}": p for n, p in bundle.unet.named_parameters() if p.requires_grad}
-    named |= {f"text.{n}": p for n, p in bundle.text.named_parameters() if p.requires_grad}
     trainable = Trainable(named)
     params = list(trainable.parameters())
     param_names = list(trainable.named_tensors())
     optimizer = make_optimizer(cfg.optim, params, device)
-    to_prepare = [bundle.unet] + ([towers] if cfg.train_text_encoder else [])
+    if vae_step is not None:
+        to_prepare = [vae_step]
+    else:
+        to_prepare = [bundle.unet] + ([towers] if cfg.train_text_encoder else [])
     *wrapped, optimizer = accelerator.prepare(*to_prepare, optimizer)
-    unet_w, text_w = wrapped[0], (wrapped[1] if cfg.train_text_encoder else towers)
-    loss_fn = DiffusionLoss(unet_w, bundle.config.diffusion, cfg.loss)
+    unet_w, text_w = wrapped[0], (wrapped[-1] if cfg.train_text_encoder else towers)
+    loss_fn = DiffusionLoss(unet_w, bundle.config.diffusion, cfg.loss) if vae_step is None else None
     ema = EMA(trainable, cfg.ema.decay, cfg.ema.warmup, cfg.ema.update_after_step) if cfg.ema else None
     if main:
         n_train = sum(p.numel() for p in params)
-        logger.info("training %s parameters (%s) on %d process(es), %s", f"{n_train:,}",
-                    "LoRA" if cfg.lora else "U-Net" + (" + text" if cfg.train_text_encoder else ""), world, device)  # fmt: skip
+        what = ("VAE + discriminator" if vae_step is not None else "LoRA" if cfg.lora else
+                "U-Net" + (" + text" if cfg.train_text_encoder else ""))  # fmt: skip
+        logger.info("training %s parameters (%s) on %d process(es), %s", f"{n_train:,}", what, world, device)
+    recon_images = None
+    if vae_step is not None and cfg.validation.recon_images and main:
+        recon_images = fixed_images(train_rows(cfg, rows.rows.hf, eval_transform=True), cfg.validation.recon_images)
 
     # ---- data
     if cfg.cache.latents:
@@ -198,7 +232,10 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
 
     # ---- resume
     state = ckpt.TrainState(world_size=world)
-    source = None if cfg.resume == "never" else ckpt.find_latest(ckroot) if cfg.resume == "auto" else Path(cfg.resume)
+    source = None if cfg.resume == "never" else ckpt.find_latest(ckroot) if cfg.resume in ("auto", "latest") \
+        else Path(cfg.resume)  # fmt: skip
+    if source is None and cfg.resume == "latest":
+        raise ValueError(f"resume: 'latest' but {ckroot} holds no complete checkpoint (resume=auto starts afresh then)")
     if source is not None:
         state = resume(source, cfg, trainable, param_names, optimizer, ema, rank, world)
         if main:
@@ -213,9 +250,12 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     batches = iter(stream)
     metrics = MetricsLog(out / "logs", state.step) if main else None
 
-    def micro_step(epoch: int, batch: dict):
-        """The loss of one micro-batch (see the module docstring)."""
+    def micro_step(epoch: int, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of one micro-batch and its parts to log (see the module docstring)."""
         idx = batch[ROW_INDEX].tolist()
+        if vae_step is not None:  # task=vae: the image itself; the posterior sample keyed per image
+            pixels = batch["pixel_values"].to(device, torch.float32)
+            return wrapped[0](pixels, state.step, keyed_generators(cfg.seed, epoch, idx, "vae", device))
         drop_text = drop_flags(cfg.cond_dropout.text, cfg.seed, epoch, idx, "text")
         texts = ["" if d else t for t, d in zip(batch["text"], drop_text.tolist())]
         gens_vae = keyed_generators(cfg.seed, epoch, idx, "vae", device)
@@ -232,7 +272,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
             context, pooled = encode_frozen(texts)
         drop_sizes = drop_flags(cfg.cond_dropout.sizes, cfg.seed, epoch, idx, "sizes") if sdxl else None
         cond = make_cond(context, pooled, batch_sizes(batch) if sdxl else None, sdxl=sdxl, drop_sizes=drop_sizes)
-        return loss_fn(z0.float(), cond, keyed_generators(cfg.seed, epoch, idx, "loss", device))
+        return loss_fn(z0.float(), cond, keyed_generators(cfg.seed, epoch, idx, "loss", device)).loss, {}
 
     @torch.no_grad()
     def encode_frozen(texts: list[str]) -> tuple[Tensor, Tensor | None]:
@@ -256,7 +296,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         lr = cfg.optim.lr * cfg.lr_schedule.factor(state.step, cfg.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_losses, n_images = [], 0
+        step_losses, n_images, parts = [], 0, {}
         for micro in range(cfg.grad_accum):
             epoch, consumed, batch = next(batches)
             state.epoch, state.batch_in_epoch = epoch, consumed
@@ -274,10 +314,11 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
                 if micro < cfg.grad_accum - 1:
                     for m in wrapped:
                         no_sync.enter_context(accelerator.no_sync(m))
-                result = micro_step(epoch, batch)
-                accelerator.backward(result.loss * (weight / cfg.grad_accum))
+                loss, logs = micro_step(epoch, batch)
+                accelerator.backward(loss * (weight / cfg.grad_accum))
             if weight:
-                step_losses.append(result.loss.detach().float())
+                step_losses.append(loss.detach().float())
+                parts = logs
         local = torch.stack(step_losses).mean() if step_losses else torch.zeros((), device=device)
         totals = accelerator.reduce(torch.stack([(~torch.isfinite(local)).float(), local.nan_to_num(0.0),
                                                  torch.tensor(float(n_images), device=device)]), "sum")  # fmt: skip
@@ -318,12 +359,14 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
             values = {"loss": losses[state.step], "lr": lr, "grad_norm": grad_norm, "epoch": state.epoch,
                       "images_per_s": window_images / elapsed if elapsed > 0 else 0.0,
                       "skipped_nonfinite": state.skipped_nonfinite, "skipped_scaler": state.skipped_scaler}  # fmt: skip
+            values |= {f"vae/{k}": float(v) for k, v in parts.items()}  # task=vae: the terms, last micro-batch
             metrics.log(state.step, values)
             progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
             window_images, window_start = 0.0, time.perf_counter()
         done = state.step == cfg.max_steps
-        if cfg.validation.prompts and ((cfg.validation.every and state.step % cfg.validation.every == 0) or done):
-            validate(cfg, bundle, trainable, ema, state.step, out, metrics, main, device)
+        due = (cfg.validation.every and state.step % cfg.validation.every == 0) or done
+        if due and (cfg.validation.recon_images if vae_step is not None else cfg.validation.prompts):
+            validate(cfg, bundle, trainable, ema, state.step, out, metrics, main, device, recon_images)
             accelerator.wait_for_everyone()
             window_start = time.perf_counter()
         if done or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
@@ -333,6 +376,8 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
 
     # ---- the deliverables
     if main:
+        if vae_step is not None and cfg.vae_fit_scale:
+            fit_vae_scale(cfg, bundle, trainable, ema, train_rows(cfg, rows.rows.hf, eval_transform=True), device)
         save_final(cfg, bundle, trainable, ema, out)
         metrics.close()
     accelerator.wait_for_everyone()
@@ -394,7 +439,7 @@ def resume(path: Path, cfg, trainable, param_names, optimizer, ema, rank: int, w
 
 
 # settings whose change makes a resumed run differ from the uninterrupted one (max_steps, logging, validation ... may change)
-_EXACTNESS_KEYS = ("model", "data", "shapes", "loss", "optim", "lr_schedule", "batch_size", "grad_accum", "seed", "ema",
+_EXACTNESS_KEYS = ("task", "vae_loss", "vae_fit_scale", "model", "data", "shapes", "loss", "optim", "lr_schedule", "batch_size", "grad_accum", "seed", "ema",
                    "lora", "train_text_encoder", "cond_dropout", "mixed_precision", "grad_clip")  # fmt: skip
 
 
@@ -409,28 +454,59 @@ def _changed_settings(saved_yaml: Path, cfg: TrainConfig) -> list[str]:
     return [k for k in _EXACTNESS_KEYS if saved.get(k) != now.get(k)]
 
 
-def validate(cfg, bundle, trainable, ema, step, out, metrics, main, device) -> None:
-    if not main:
+def validate(cfg, bundle, trainable, ema, step, out, metrics, main, device, recon_images=None) -> None:
+    """task=unet: the validation prompts sampled to a grid; task=vae: ``recon_images`` over their reconstructions
+    (posterior mean), and the reconstruction PSNR. With the EMA weights when EMA is on (validation.use_ema)."""
+    if not main or (cfg.task == "vae" and recon_images is None):
         return
     use_ema = ema is not None and cfg.validation.use_ema
     if use_ema:
         ema.store(trainable)
         ema.copy_to(trainable)
-    was_training = bundle.unet.training, bundle.text.training
-    bundle.unet.eval()
-    bundle.text.eval()
+    modules = (bundle.unet, bundle.text, bundle.vae)
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     try:
-        size = cfg.validation.size(cfg.data.size)
-        images = sample_validation(bundle, cfg.validation, size, device=device, dtype=torch.float32)
+        if recon_images is not None:
+            images, value = reconstruct_grid(bundle.vae, recon_images, device, torch.float32)
+            ncols = len(recon_images)
+            metrics.log(step, {"vae/psnr": value})
+            logger.info("step %d: reconstruction PSNR %.2f dB", step, value)
+        else:
+            size = cfg.validation.size(cfg.data.size)
+            images = sample_validation(bundle, cfg.validation, size, device=device, dtype=torch.float32)
+            k = cfg.validation.images_per_prompt
+            ncols = k if k > 1 else len(images)
     finally:
-        bundle.unet.train(was_training[0])
-        bundle.text.train(was_training[1])
+        for m, was in zip(modules, was_training):
+            m.train(was)
         if use_ema:
             ema.restore(trainable)
-    k = cfg.validation.images_per_prompt
-    path = save_grid(images, out / "validation" / f"{ckpt.step_dir_name(step)}.png", k if k > 1 else len(images))
+    path = save_grid(images, out / "validation" / f"{ckpt.step_dir_name(step)}.png", ncols)
     metrics.image("validation", images, step)
     logger.info("validation images: %s", path)
+
+
+def fit_vae_scale(cfg, bundle, trainable, ema, rows, device) -> None:
+    """task=vae: write 1 / std of the (EMA, when on) autoencoder's latents into the model config; the raw and EMA
+    models get the scale of their own weights."""
+    scales = {}
+    was = bundle.vae.training
+    bundle.vae.eval()
+    for which in ("raw", "ema") if ema is not None else ("raw",):
+        if which == "ema":
+            ema.store(trainable)
+            ema.copy_to(trainable)
+        try:
+            scales[which] = fit_scale_factor(bundle.vae, rows, cfg.batch_size, device, torch.float32)
+        finally:
+            if which == "ema":
+                ema.restore(trainable)
+    bundle.vae.train(was)
+    bundle.config = dataclasses.replace(bundle.config, vae=dataclasses.replace(bundle.config.vae, scale_factor=scales["raw"]))
+    bundle.fitted_scales = scales  # save_final puts the EMA one into model-ema
+    logger.info("latent scale_factor = 1 / std(z): %s", ", ".join(f"{k} {v:.5f}" for k, v in scales.items()))
 
 
 def save_final(cfg, bundle, trainable, ema, out: Path) -> None:
@@ -451,8 +527,15 @@ def save_final(cfg, bundle, trainable, ema, out: Path) -> None:
         if ema is not None:
             ema.store(trainable)
             ema.copy_to(trainable)
-            save_bundle(bundle, out / "model-ema")
-            ema.restore(trainable)
+            raw_config = bundle.config
+            if "ema" in getattr(bundle, "fitted_scales", {}):  # task=vae: the EMA autoencoder's own latent scale
+                vae = dataclasses.replace(raw_config.vae, scale_factor=bundle.fitted_scales["ema"])
+                bundle.config = dataclasses.replace(raw_config, vae=vae)
+            try:
+                save_bundle(bundle, out / "model-ema")
+            finally:
+                bundle.config = raw_config
+                ema.restore(trainable)
     logger.info("saved %s", out / "model")
 
 
@@ -460,7 +543,8 @@ def save_final(cfg, bundle, trainable, ema, out: Path) -> None:
 
 
 def run_args(args: argparse.Namespace) -> int:
-    cfg = load_train_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"resume={args.resume}"] if getattr(args, "resume", None) else [])
+    cfg = load_train_config(args.config, overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0

@@ -65,10 +65,11 @@ class IndexedRows(Dataset):
         return self.rows.batch_sampler(batch_size, num_replicas=num_replicas, rank=rank)
 
 
-def train_rows(cfg: TrainConfig, hf_dataset=None) -> IndexedRows:
-    """The training rows; with ``cache.latents`` the images are prepared with the evaluation transform."""
+def train_rows(cfg: TrainConfig, hf_dataset=None, eval_transform: bool = False) -> IndexedRows:
+    """The training rows; with ``cache.latents`` (or ``eval_transform``) the images are prepared with the
+    evaluation transform (centre crop, no flip)."""
     hf_dataset = open_train_dataset(cfg) if hf_dataset is None else hf_dataset
-    return IndexedRows(ImageCaptionDataset(hf_dataset, cfg.data, train=not cfg.cache.latents))
+    return IndexedRows(ImageCaptionDataset(hf_dataset, cfg.data, train=not (cfg.cache.latents or eval_transform)))
 
 
 class _SkipFirst(Sampler[list[int]]):
