@@ -176,7 +176,8 @@ class VAELoss(nn.Module):
         return 0.0 if step < self.config.disc_start else self.config.disc_factor
 
     def reconstruct(
-        self, vae: nn.Module, images: Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+        self, vae: nn.Module, images: Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
+        eps: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """images (B, C, H, W) -> (reconstructions (B, C, H, W), mean, logvar (B, z, h, w)) through a posterior sample.
 
@@ -189,7 +190,7 @@ class VAELoss(nn.Module):
                 "see the data-parallel note in autoencoder/loss.py"
             )
         mean, logvar = vae.moments(images)  # (B, z, h, w) each
-        z = sample_posterior(mean, logvar, generator)
+        z = sample_posterior(mean, logvar, generator, eps)
         return vae._decode_z(z), mean, logvar  # (B, C, H, W)
 
     def generator_loss(
@@ -198,17 +199,18 @@ class VAELoss(nn.Module):
         images: Tensor,
         step: int,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        eps: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The autoencoder's loss rec + kl_weight * KL + d_weight * disc_factor * g_loss, and its logs.
 
         images: (B, C, H, W) in [-1, 1]. step: the global optimization step (compared with disc_start).
-        generator: seeds the posterior sample (see ``sample_posterior``).
+        generator: seeds the posterior sample (see ``sample_posterior``); or ``eps``, its standard-normal numbers.
         logs: detached () tensors "loss", "rec_loss", "kl_loss", "g_loss", "d_weight", "disc_factor", and
             "reconstructions" (B, C, H, W), detached, to pass to ``discriminator_loss``.
         """
         _check_images(images, "images")
         c, factor = self.config, self.disc_factor(step)
-        reconstructions, mean, logvar = self.reconstruct(vae, images, generator)
+        reconstructions, mean, logvar = self.reconstruct(vae, images, generator, eps)
         rec_loss = reconstruction_loss(images, reconstructions, c.recon)
         kl_loss = kl_divergence(mean, logvar).mean()  # sum over the batch / B, as the original
         loss = rec_loss + c.kl_weight * kl_loss

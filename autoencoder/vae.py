@@ -177,15 +177,21 @@ class AutoencoderKL(nn.Module):
 
 
 def sample_posterior(
-    mean: Tensor, logvar: Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    mean: Tensor, logvar: Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
+    eps: Tensor | None = None,
 ) -> Tensor:
     """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I) drawn like diffusers' ``randn_tensor``.
 
     The noise is drawn in ``mean.dtype`` on the generator's device (then moved to ``mean.device``);
-    a list of generators draws row i from generator[i] with shape (1, z, h, w).
+    a list of generators draws row i from generator[i] with shape (1, z, h, w). ``eps`` (the shape of ``mean``)
+    gives the standard-normal numbers instead (drawn elsewhere, e.g. by the trainer's data workers).
     """
     shape, device, dtype = tuple(mean.shape), mean.device, mean.dtype
-    if isinstance(generator, (list, tuple)):
+    if eps is not None:
+        if generator is not None or tuple(eps.shape) != shape:
+            raise ValueError(f"eps: expected shape {shape} and no generator, got {tuple(eps.shape)}")
+        eps = eps.to(device, dtype)
+    elif isinstance(generator, (list, tuple)):
         if len(generator) != shape[0] or not all(isinstance(g, torch.Generator) for g in generator):
             raise ValueError(
                 f"generator list must hold one torch.Generator per batch row ({shape[0]}), got {len(generator)} items"

@@ -14,12 +14,24 @@ an original checkpoint's ``model.diffusion_model.*`` keys load after stripping t
     middle_block.0 / .1 / .2              ResBlock, SpatialTransformer, ResBlock
     output_blocks.{u(n+1) + j}            ResBlock [+ SpatialTransformer] [+ Upsample]   u = L-1-l, j <= n
     out.0 / out.2                         GroupNorm, (SiLU), conv_out 3x3
+
+The down half (embeddings, input blocks, middle block) is ``UNetEncoder``, shared with ControlNet
+(ldm/controlnet.py: a trainable copy of it, Zhang et al. 2023) so the two are built by the same code.
+Extra inputs beyond the latent and ``cond.context``:
+
+    cond.vector    (B, adm_in_channels) floats through ``label_emb`` MLP (SDXL), or (B,) integer class
+                   labels through the ``label_emb`` nn.Embedding (``num_classes``, the original LDM class model)
+    cond.control   ControlNet residuals: one per input block, then the middle block (diffusers'
+                   down_block_additional_residuals + mid_block_additional_residual)
+    adapter=       T2I-Adapter features (ldm/t2i_adapter.py): one per level (+ one for the middle block),
+                   added inside the down path (diffusers' down_intrablock_additional_residuals); see
+                   ``UNet.adapter_slots``
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +57,7 @@ class UNetConfig:
     context_dim: int = 768  # width of the cross-attention tokens (cond.context)
     use_linear_in_transformer: bool = False  # proj_in/proj_out as Linear (SD 2.x, XL) instead of 1x1 Conv2d
     adm_in_channels: int = 0  # width of cond.vector fed through label_emb; 0 = no vector condition
+    num_classes: int = 0  # > 0: cond.vector holds (B,) class labels, embedded by label_emb (nn.Embedding)
     use_scale_shift_norm: bool = False  # ResBlock: AdaGN scale-shift instead of adding the embedding
     norm_groups: int = 32
     dropout: float = 0.0
@@ -76,6 +89,13 @@ class UNetConfig:
             raise ValueError(f"unet.context_dim: must be >= 1, got {self.context_dim}")
         if self.adm_in_channels < 0:
             raise ValueError(f"unet.adm_in_channels: must be >= 0, got {self.adm_in_channels}")
+        if self.num_classes < 0:
+            raise ValueError(f"unet.num_classes: must be >= 0, got {self.num_classes}")
+        if self.num_classes and self.adm_in_channels:
+            raise ValueError(
+                f"unet.num_classes={self.num_classes} and unet.adm_in_channels={self.adm_in_channels}: both feed "
+                f"label_emb from cond.vector; set one of them"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"unet.dropout: must be in [0, 1), got {self.dropout}")
         for level, mult in enumerate(self.channel_mult):
@@ -174,6 +194,7 @@ class UNetConfig:
             context_dim=params.get("context_dim", 768),
             use_linear_in_transformer=params.get("use_linear_in_transformer", False),
             adm_in_channels=params.get("adm_in_channels", 0) if params.get("num_classes") == "sequential" else 0,
+            num_classes=params["num_classes"] if isinstance(params.get("num_classes"), int) else 0,
             use_scale_shift_norm=params.get("use_scale_shift_norm", False),
             dropout=params.get("dropout", 0.0),
         )
@@ -204,8 +225,11 @@ class EmbedSequential(nn.Sequential):
         return h
 
 
-class UNet(nn.Module):
-    """``net(x (B, C, H, W), t (B,), cond) -> (B, out_channels, H, W)``; see the module docstring for the layout."""
+class UNetEncoder(nn.Module):
+    """The U-Net's down half in the original names: ``time_embed``, ``label_emb``, ``input_blocks``, ``middle_block``.
+
+    ``UNet`` adds the up half; ``ControlNet`` (ldm/controlnet.py) adds its hint encoder and zero convolutions.
+    The modules are created in the order the U-Net always created them, so a seed gives the same initial weights."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -215,23 +239,14 @@ class UNet(nn.Module):
         mc, n, L = cfg.model_channels, cfg.num_res_blocks, len(cfg.channel_mult)
         emb_dim = 4 * mc
 
-        def res(ch_in: int, ch_out: int) -> ResBlock:
-            return ResBlock(ch_in, emb_dim, ch_out, cfg.dropout, cfg.use_scale_shift_norm, cfg.norm_groups)
-
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            heads, dim_head = cfg.heads(ch)
-            # Kernel "auto" in the layers: forward pins cfg.sdpa_kernel once around the whole network.
-            return SpatialTransformer(
-                ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer,
-                cfg.dropout, cfg.norm_groups, cfg.attention, "auto",
-            )  # fmt: skip
-
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = None
         if cfg.adm_in_channels:  # the original's num_classes="sequential"
             self.label_emb = nn.Sequential(
                 nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             )
+        elif cfg.num_classes:  # the original's integer num_classes: one learned embedding per class
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
 
         # Down: ch tracks the current width; skip_chs the width of every skip connection, in order.
         self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -239,36 +254,47 @@ class UNet(nn.Module):
         for level, mult in enumerate(cfg.channel_mult):
             depth = cfg.transformer_depth[level]
             for _ in range(n):
-                layers = [res(ch, mc * mult)]
+                layers = [self._res_block(ch, mc * mult)]
                 ch = mc * mult
                 if depth:
-                    layers.append(transformer(ch, depth))
+                    layers.append(self._transformer(ch, depth))
                 self.input_blocks.append(EmbedSequential(*layers))
                 skip_chs.append(ch)
             if level != L - 1:
                 self.input_blocks.append(EmbedSequential(Downsample(ch)))
                 skip_chs.append(ch)
 
-        self.middle_block = EmbedSequential(res(ch, ch), transformer(ch, cfg.transformer_depth_middle), res(ch, ch))
-
-        # Up: each block takes one skip connection; the last block of a level (but the top one) upsamples.
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            depth = cfg.transformer_depth[level]
-            for j in range(n + 1):
-                layers = [res(ch + skip_chs.pop(), mc * mult)]
-                ch = mc * mult
-                if depth:
-                    layers.append(transformer(ch, depth))
-                if level and j == n:
-                    layers.append(Upsample(ch))
-                self.output_blocks.append(EmbedSequential(*layers))
-
-        self.out = nn.Sequential(
-            nn.GroupNorm(cfg.norm_groups, ch, eps=1e-5),
-            nn.SiLU(),
-            zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)),
+        self.middle_block = EmbedSequential(
+            self._res_block(ch, ch), self._transformer(ch, cfg.transformer_depth_middle), self._res_block(ch, ch)
         )
+        self.skip_channels = tuple(skip_chs)  # width of each input block's output, in order
+        self.middle_channels = ch
+
+    def _res_block(self, ch_in: int, ch_out: int) -> ResBlock:
+        cfg = self.cfg
+        return ResBlock(ch_in, 4 * cfg.model_channels, ch_out, cfg.dropout, cfg.use_scale_shift_norm, cfg.norm_groups)
+
+    def _transformer(self, ch: int, depth: int) -> SpatialTransformer:
+        cfg = self.cfg
+        heads, dim_head = cfg.heads(ch)
+        # Kernel "auto" in the layers: forward pins cfg.sdpa_kernel once around the whole network.
+        return SpatialTransformer(
+            ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer,
+            cfg.dropout, cfg.norm_groups, cfg.attention, "auto",
+        )  # fmt: skip
+
+    def block_shapes(self, batch: int, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """Output shape of every input block, then of the middle block, for a (batch, C, height, width) input:
+        the shapes of the ControlNet residuals in ``cond.control``. Each Downsample halves a size, rounding up."""
+        cfg = self.cfg
+        size = (height, width)
+        shapes = [(batch, cfg.model_channels, *size)]
+        for level, mult in enumerate(cfg.channel_mult):
+            shapes += [(batch, cfg.model_channels * mult, *size)] * cfg.num_res_blocks
+            if level != len(cfg.channel_mult) - 1:
+                size = ((size[0] + 1) // 2, (size[1] + 1) // 2)
+                shapes.append((batch, cfg.model_channels * mult, *size))
+        return shapes + [(batch, self.middle_channels, *size)]
 
     def set_attention_backend(self, backend: str, kernel: str = "auto") -> None:
         """Switch every attention layer to another backend (ldm/attention.py) without rebuilding."""
@@ -278,41 +304,18 @@ class UNet(nn.Module):
             if isinstance(m, CrossAttention):
                 m.backend = backend
 
-    def forward(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
-        cond = cond if cond is not None else Cond()
-        x, t = self._check_inputs(x, t, cond)
-        with sdpa_context(self.sdpa_kernel):  # once here rather than in each of the attention layers
-            return self._forward(x, t, cond)
-
-    def _forward(self, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    def _embed(self, t: Tensor, cond: Cond) -> Tensor:
+        """Time embedding (+ the vector or class embedding): (B,) -> (B', 4 mc), B' = max(B, MIN_EMB_ROWS)."""
         dtype = self.time_embed[0].weight.dtype
-        if cond.concat is not None:
-            x = torch.cat([x, cond.concat], dim=1)  # (B, in_channels, H, W)
         # The embedding MLPs see at least MIN_EMB_ROWS rows: CPU BLAS rounds a matmul of 1-3 rows differently from a
         # bigger one, which would make an image's last bits depend on how many images share its batch.
         t_emb = _pad_rows(timestep_embedding(t, self.cfg.model_channels).to(dtype), MIN_EMB_ROWS)
-        emb = self.time_embed(t_emb)  # (B', 4 mc), B' = max(B, MIN_EMB_ROWS); ResBlocks take the first B rows
-        if self.label_emb is not None:
+        emb = self.time_embed(t_emb)  # (B', 4 mc); ResBlocks take the first B rows
+        if self.cfg.num_classes:  # (B,) labels; padded rows look up class 0 and are never used
+            emb = emb + self.label_emb(_pad_rows(cond.vector, MIN_EMB_ROWS)).to(dtype)
+        elif self.label_emb is not None:
             emb = emb + self.label_emb(_pad_rows(cond.vector.to(dtype), MIN_EMB_ROWS))
-        context = cond.context.to(dtype)  # (B, T, context_dim)
-        control = list(cond.control) if cond.control is not None else None
-
-        hs = []  # skip connections, one per input block
-        h = x
-        for block in self.input_blocks:
-            h = self._run(block, h, emb, context)
-            hs.append(h)
-        h = self._run(self.middle_block, h, emb, context)
-        if control is not None:  # ControlNet (Zhang et al. 2023, cldm): residuals on the middle and the skips
-            h = h + control.pop()
-        for block in self.output_blocks:
-            skip = hs.pop()
-            if control is not None:
-                skip = skip + control.pop()
-            h = torch.cat([h, skip], dim=1)  # (B, C + C_skip, H_i, W_i)
-            size = hs[-1].shape[-2:] if hs else None  # where an Upsample must land: the next skip's size
-            h = self._run(block, h, emb, context, size)
-        return self.out(h)  # (B, out_channels, H, W)
+        return emb
 
     def _run(self, block: EmbedSequential, *args) -> Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -321,7 +324,8 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False, context_fn=contexts)
         return block(*args)
 
-    def _check_inputs(self, x: Tensor, t: Tensor | float, cond: Cond) -> tuple[Tensor, Tensor]:
+    def _check_encoder_inputs(self, x: Tensor, t: Tensor | float, cond: Cond) -> tuple[Tensor, Tensor]:
+        """x, t, cond.concat / context / vector against the config; returns (x, t as (B,))."""
         cfg = self.cfg
         if x.ndim != 4:
             raise ValueError(f"x: expected (B, C, H, W), got shape {tuple(x.shape)}")
@@ -349,14 +353,136 @@ class UNet(nn.Module):
                 raise ValueError(
                     f"cond.vector: required with shape ({B}, {cfg.adm_in_channels}) (unet.adm_in_channels), got {got}"
                 )
+        elif cfg.num_classes:
+            _check_labels(cond.vector, B, cfg.num_classes)
         elif cond.vector is not None:
             raise ValueError("cond.vector: this U-Net takes no vector condition (unet.adm_in_channels=0)")
-        if cond.control is not None and len(cond.control) != len(self.input_blocks) + 1:
-            raise ValueError(
-                f"cond.control: expected {len(self.input_blocks) + 1} residuals (one per input block, then the "
-                f"middle block), got {len(cond.control)}"
-            )
         return x, t
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _check_labels(labels: Tensor | None, batch: int, num_classes: int) -> None:
+    v = labels
+    if v is None or v.shape != (batch,) or v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+        got = None if v is None else f"{tuple(v.shape)} {v.dtype}"
+        raise ValueError(
+            f"cond.vector: required as ({batch},) integer class labels (unet.num_classes={num_classes}), got {got}"
+        )
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= num_classes):
+        raise ValueError(
+            f"cond.vector: class labels must be in [0, {num_classes}) (unet.num_classes), got {int(v.min())} .. "
+            f"{int(v.max())}"
+        )
+
+
+class UNet(UNetEncoder):
+    """``net(x (B, C, H, W), t (B,), cond) -> (B, out_channels, H, W)``; see the module docstring for the layout."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg)  # time_embed, label_emb, input_blocks, middle_block
+        mc, n = cfg.model_channels, cfg.num_res_blocks
+        ch, skip_chs = self.middle_channels, list(self.skip_channels)
+
+        # Up: each block takes one skip connection; the last block of a level (but the top one) upsamples.
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            depth = cfg.transformer_depth[level]
+            for j in range(n + 1):
+                layers = [self._res_block(ch + skip_chs.pop(), mc * mult)]
+                ch = mc * mult
+                if depth:
+                    layers.append(self._transformer(ch, depth))
+                if level and j == n:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(EmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            nn.GroupNorm(cfg.norm_groups, ch, eps=1e-5),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)),
+        )
+
+    def adapter_slots(self) -> list[int]:
+        """Where T2I-Adapter feature k is added: after input block ``adapter_slots()[k]``, to the running features
+        and so to the skip taken there; the last slot, ``len(input_blocks)``, is after the middle block (the
+        extra feature of T2I-Adapter-XL). This is diffusers' ``down_intrablock_additional_residuals``: a level
+        with attention takes its feature after its last ResBlock + transformer, before the Downsample
+        (CrossAttnDownBlock2D; the original T2I-Adapter's ``(id + 1) % 3 == 0`` rule for SD 1.x); a level without
+        attention after its last block, the Downsample where it has one (DownBlock2D adds in place to its output,
+        which is also its last skip)."""
+        n, L = self.cfg.num_res_blocks, len(self.cfg.channel_mult)
+        slots = []
+        for level in range(L):
+            last_res = 1 + level * (n + 1) + n - 1
+            after_downsample = level != L - 1 and not self.cfg.transformer_depth[level]
+            slots.append(last_res + 1 if after_downsample else last_res)
+        return slots + [len(self.input_blocks)]
+
+    def forward(
+        self, x: Tensor, t: Tensor, cond: Cond | None = None, adapter: Sequence[Tensor] | None = None
+    ) -> Tensor:
+        """``adapter``: T2I-Adapter features (ldm/t2i_adapter.py), 1 to levels + 1 of them, feature k shaped
+        like the output of block ``adapter_slots()[k]`` (see ``block_shapes``)."""
+        cond = cond if cond is not None else Cond()
+        x, t = self._check_inputs(x, t, cond, adapter)
+        with sdpa_context(self.sdpa_kernel):  # once here rather than in each of the attention layers
+            return self._forward(x, t, cond, adapter)
+
+    def _forward(self, x: Tensor, t: Tensor, cond: Cond, adapter: Sequence[Tensor] | None = None) -> Tensor:
+        dtype = self.time_embed[0].weight.dtype
+        if cond.concat is not None:
+            x = torch.cat([x, cond.concat], dim=1)  # (B, in_channels, H, W)
+        emb = self._embed(t, cond)  # (B', 4 mc), B' = max(B, MIN_EMB_ROWS); ResBlocks take the first B rows
+        context = cond.context.to(dtype)  # (B, T, context_dim)
+        control = list(cond.control) if cond.control is not None else None
+        features = dict(zip(self.adapter_slots(), adapter)) if adapter is not None else {}
+
+        hs = []  # skip connections, one per input block
+        h = x
+        for i, block in enumerate(self.input_blocks):
+            h = self._run(block, h, emb, context)
+            if i in features:  # T2I-Adapter (Mou et al. 2023): into the running features, and so this skip
+                h = h + features[i]
+            hs.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        if len(self.input_blocks) in features:
+            h = h + features[len(self.input_blocks)]
+        if control is not None:  # ControlNet (Zhang et al. 2023, cldm): residuals on the middle and the skips
+            h = h + control.pop()
+        for block in self.output_blocks:
+            skip = hs.pop()
+            if control is not None:
+                skip = skip + control.pop()
+            h = torch.cat([h, skip], dim=1)  # (B, C + C_skip, H_i, W_i)
+            size = hs[-1].shape[-2:] if hs else None  # where an Upsample must land: the next skip's size
+            h = self._run(block, h, emb, context, size)
+        return self.out(h)  # (B, out_channels, H, W)
+
+    def _check_inputs(
+        self, x: Tensor, t: Tensor | float, cond: Cond, adapter: Sequence[Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        x, t = self._check_encoder_inputs(x, t, cond)
+        shapes = self.block_shapes(x.shape[0], x.shape[2], x.shape[3])
+        if cond.control is not None:
+            if len(cond.control) != len(shapes):
+                raise ValueError(
+                    f"cond.control: expected {len(shapes)} residuals (one per input block, then the "
+                    f"middle block), got {len(cond.control)}"
+                )
+            for i, (r, want) in enumerate(zip(cond.control, shapes)):
+                if tuple(r.shape) not in (want, (*want[:2], 1, 1)):  # (B, C, 1, 1): globally pooled residuals
+                    raise ValueError(f"cond.control[{i}]: expected shape {want} (or {(*want[:2], 1, 1)}), got "
+                                     f"{tuple(r.shape)}")  # fmt: skip
+        if adapter is not None:
+            slots = self.adapter_slots()
+            if not 1 <= len(adapter) <= len(slots):
+                raise ValueError(f"adapter: expected 1 to {len(slots)} features (one per level, then the middle "
+                                 f"block), got {len(adapter)}")  # fmt: skip
+            for k, (f, slot) in enumerate(zip(adapter, slots)):
+                if tuple(f.shape) != shapes[slot]:
+                    where = "the middle block" if slot == len(self.input_blocks) else f"input block {slot}"
+                    raise ValueError(f"adapter[{k}]: expected shape {shapes[slot]} (the output of {where}), got "
+                                     f"{tuple(f.shape)}")  # fmt: skip
+        return x, t

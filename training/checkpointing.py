@@ -23,6 +23,14 @@ atomically, and only then prunes old checkpoints beyond ``keep_last``. An except
 previous checkpoint and ``latest`` untouched (the partial temp folder is removed, or ignored and cleaned later).
 ``find_latest`` trusts ``latest`` when it names a complete folder, and otherwise picks the highest complete step.
 
+A failed write (disk full: ``OSError(ENOSPC)``, a read-only disk ...) raises an OSError with the same errno whose
+message names the checkpoint and says that the older checkpoints and ``latest`` are unchanged.
+
+Test hook (tests/test_reliability_training.py, which kills a real training process in the middle of a write):
+``LDM_TEST_CHECKPOINT_PAUSE="STEP:PATH"`` makes the main process, while writing checkpoint STEP, create the file
+PATH once the weights are in the temp folder and then sleep, so that the kill lands between two files. Unset, it
+costs one environment lookup per checkpoint.
+
 The data position is ``(epoch, batches consumed in that epoch)``: the batch order depends only on (seed, epoch)
 (training/buckets.py), so a resumed run skips exactly the consumed batches and continues mid-epoch.
 """
@@ -33,6 +41,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -269,13 +278,16 @@ def save_checkpoint(
             if model_state is None or optimizer_state is None:
                 raise ValueError("save_checkpoint: the main process needs model_state and optimizer_state")
             write_safetensors(model_state, tmp / "model.safetensors")
+            _test_pause(state.step)
             write_state(tmp / "optimizer", {"param_names": list(param_names or []), "state_dict": optimizer_state})
             if ema_state is not None:
                 write_state(tmp / "ema", ema_state)
             atomic_write(tmp / "config.yaml", lambda p: Path(p).write_text(config_yaml, encoding="utf-8"))
-    except BaseException:
+    except BaseException as e:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _write_error(e, final) from e
         raise
     barrier()
     if main:
@@ -295,15 +307,39 @@ def save_checkpoint(
             else:
                 os.replace(tmp, final)
             _fsync_dir(root)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise _write_error(e, final) from e
             raise
-        atomic_write(root / LATEST, lambda p: Path(p).write_text(name + "\n", encoding="utf-8"))
+        try:
+            atomic_write(root / LATEST, lambda p: Path(p).write_text(name + "\n", encoding="utf-8"))
+        except OSError as e:  # the new folder is complete; `latest` still names the previous one, nothing is pruned
+            raise _oserror(e, f"checkpoint {final} is complete, but {root / LATEST} could not be updated "
+                              f"({e.strerror or e}); it still names the previous checkpoint") from e
         _fsync_dir(root)
         if keep_last:
             prune(root, keep_last)
     barrier()
     return final
+
+
+def _write_error(e: OSError, final: Path) -> OSError:
+    """``e`` (same errno, e.g. ENOSPC) with a message that names the checkpoint and what is left."""
+    return _oserror(e, f"could not write checkpoint {final} ({e.strerror or e}); the older checkpoints and "
+                       f"{final.parent / LATEST} are unchanged")
+
+
+def _oserror(e: OSError, message: str) -> OSError:
+    return OSError(e.errno, message, e.filename) if e.errno is not None else OSError(message)
+
+
+def _test_pause(step: int) -> None:
+    """The test hook of the module docstring (LDM_TEST_CHECKPOINT_PAUSE="STEP:PATH")."""
+    at, _, path = os.environ.get("LDM_TEST_CHECKPOINT_PAUSE", "").partition(":")
+    if path and at == str(step):
+        Path(path).write_text(str(os.getpid()), encoding="utf-8")
+        time.sleep(600)  # killed by the test long before this ends
 
 
 def prune(root: Path, keep_last: int) -> list[Path]:

@@ -18,6 +18,22 @@ Rows (``ImageCaptionDataset``): each index gives the dict that training/collate.
 in ``bad`` (path -> reason) and logged once per path and process. Crops, flips and the choice among several
 captions come from ``keyed_rng(seed, epoch, index)``: the same in every worker, run and rank.
 
+Captions (``_caption``), one policy per case; each case is counted in ``caption_issues`` (case -> row keys,
+``caption_counts`` gives the numbers) and logged once per case and process with the first row that has it:
+
+    missing      None, or a list with no caption in it   -> "" (trained as the unconditional caption)
+    empty        ""                                       -> ""
+    whitespace   only whitespace                          -> "" (the tokenizer would give the same tokens)
+    non_utf8     bytes that are not UTF-8                 -> decoded with U+FFFD replacing the bad bytes
+    list         several captions                         -> one at random per (seed, epoch, index) when training,
+                                                             the first otherwise (None entries dropped)
+    not_text     a number or other non-text value         -> str(value)
+    truncated    more than 75 CLIP tokens                 -> kept whole here; the text towers' tokenizer keeps the
+                                                             first 75 tokens (77 with start / end), as SD training did;
+                                                             the log shows the dropped text
+UTF-8 bytes decode silently; a ClassLabel column gives its names. A metadata.jsonl / .csv or .jsonl file that is
+not UTF-8 is refused when the dataset is opened, naming the file and line (its encoding cannot be guessed safely).
+
 Epochs and workers: call ``set_epoch`` before creating each epoch's iterator. With
 ``persistent_workers=True`` the workers keep the epoch they started with, so do not combine the two.
 """
@@ -43,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 BUILTIN_SOURCES = ("shapes",)
+CAPTION_CASES = ("missing", "empty", "whitespace", "non_utf8", "list", "not_text", "truncated")
+CAPTION_TOKENS = 75  # what a 77-token CLIP context holds between its start and end tokens
 
 
 # ------------------------------------------------------------------------------------------ opening
@@ -100,6 +118,7 @@ def open_dataset(cfg: DataConfig) -> datasets.Dataset | datasets.IterableDataset
         raise ValueError(f"data.source: no such file or folder: {cfg.source!r}")
     kind = detect_kind(cfg.source) if cfg.kind == "auto" else cfg.kind
     common = dict(split=cfg.split, streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+    _check_text_files(cfg.source, kind)
     try:
         if kind == "imagefolder":
             if not os.path.isdir(cfg.source):
@@ -117,11 +136,41 @@ def open_dataset(cfg: DataConfig) -> datasets.Dataset | datasets.IterableDataset
     except ValueError as e:
         if "Unknown split" in str(e):
             raise ValueError(f"data.split: {cfg.split!r} not found in {cfg.source!r}: {e}") from e
-        raise
+        if str(e).startswith("data."):  # ours, already naming the setting
+            raise
+        raise ValueError(f"data.source: cannot read {cfg.source!r} ({type(e).__name__}: {e})") from e
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__ or e.__context__ or e
+        raise ValueError(f"data.source: cannot read {cfg.source!r} ({type(cause).__name__}: {cause})") from e
     check_columns(ds, cfg)
     if cfg.max_samples is not None:
         ds = ds.take(cfg.max_samples) if cfg.streaming else ds.select(range(min(cfg.max_samples, len(ds))))
     return ds
+
+
+def _check_text_files(source: str, kind: str) -> None:
+    """Refuse caption files that are not UTF-8, naming the file and line (before `datasets` reads them)."""
+    if kind == "imagefolder" and os.path.isdir(source):
+        files = [os.path.join(root, f) for root, _dirs, names in os.walk(source)
+                 for f in names if f in ("metadata.jsonl", "metadata.csv")]  # fmt: skip
+    elif kind == "jsonl":
+        files = _files(source)
+    else:
+        return
+    for path in files:
+        lines = 0
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22) + f.readline():  # whole lines: b"\n" never occurs inside a UTF-8 character
+                try:
+                    block.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    line = lines + block.count(b"\n", 0, e.start) + 1
+                    column = e.start - (block.rfind(b"\n", 0, e.start) + 1) + 1
+                    raise ValueError(
+                        f"data.source: {path} line {line}: not UTF-8 text (byte {block[e.start]:#04x} at column "
+                        f"{column}); captions must be UTF-8: re-encode the file, e.g. iconv -f latin1 -t utf-8"
+                    ) from None
+                lines += block.count(b"\n")
 
 
 def _files(pattern: str) -> list[str]:
@@ -208,6 +257,7 @@ class ImageCaptionDataset(Dataset):
             hf_dataset = hf_dataset.cast_column(cfg.image_column, datasets.Image(decode=False))
         self.hf = hf_dataset
         self.bad: dict[str, str] = {}  # path -> reason, each logged once
+        self.caption_issues: dict[str, set] = {case: set() for case in CAPTION_CASES}  # case -> row keys
         self.buckets: list[tuple[int, int]] | None = None
         if cfg.buckets:
             given = cfg.bucket_sizes
@@ -282,27 +332,64 @@ class ImageCaptionDataset(Dataset):
             flip_prob=cfg.random_flip if self.train else 0.0, rng=rng,
         )
         out = {
-            "pixel_values": t.pixel_values, "text": self._caption(row, rng), "original_size": t.original_size,
+            "pixel_values": t.pixel_values, "text": self._caption(row, rng, key), "original_size": t.original_size,
             "crop_coords": t.crop_coords, "target_size": t.target_size, "flipped": t.flipped,
         }
         for c in cfg.extra_columns:
             out[c] = row[c]
         return out
 
-    def _caption(self, row: dict[str, Any], rng: Any) -> str:
+    def _caption(self, row: dict[str, Any], rng: Any, key: Any = None) -> str:
+        """The caption of a row, by the policy of the module docstring (``key``: the row, for the counts)."""
         if self.cfg.caption_column is None:
             return ""
         value = row[self.cfg.caption_column]
-        if value is None:
-            return ""
-        if self.caption_names is not None:  # a ClassLabel: its name
+        if self.caption_names is not None and value is not None:  # a ClassLabel: its name
             return self.caption_names[int(value)]
         if isinstance(value, (list, tuple)):  # several captions: one at random when training, else the first
+            self._caption_issue("list", key)
             value = [v for v in value if v is not None]
-            if not value:
-                return ""
-            return str(rng.choice(value) if self.train else value[0])
-        return str(value)
+            value = (rng.choice(value) if self.train else value[0]) if value else None
+        if value is None:
+            self._caption_issue("missing", key)
+            return ""
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                value = bytes(value).decode("utf-8", errors="replace")
+                self._caption_issue("non_utf8", key, value)
+        if not isinstance(value, str):
+            self._caption_issue("not_text", key, repr(value))
+            value = str(value)
+        if not value:
+            self._caption_issue("empty", key)
+        elif value.isspace():
+            self._caption_issue("whitespace", key)
+            value = ""
+        elif len(value.encode("utf-8")) > CAPTION_TOKENS:  # fewer bytes than that: fewer tokens (a token >= 1 byte)
+            from text_encoder.tokenizer import decode, encode
+
+            ids = encode(value)
+            if len(ids) > CAPTION_TOKENS:
+                dropped = decode(ids[CAPTION_TOKENS:]).strip()
+                self._caption_issue("truncated", key, f"{len(ids)} tokens; dropped: {dropped!r}")
+        return value
+
+    def _caption_issue(self, case: str, key: Any, detail: str = "") -> None:
+        seen = self.caption_issues[case]
+        if key in seen:
+            return
+        seen.add(key)
+        if len(seen) == 1:
+            logger.warning("caption %s in %s[row %s]%s (the policy is in training/datasets_io.py; further rows with "
+                           "this case are counted in caption_counts, not logged)", case, self.cfg.source, key,
+                           f": {detail}" if detail else "")  # fmt: skip
+
+    @property
+    def caption_counts(self) -> dict[str, int]:
+        """Rows per caption case (see the module docstring) met so far in this process."""
+        return {case: len(keys) for case, keys in self.caption_issues.items() if keys}
 
     def _name(self, obj: Any, key: Any) -> str:
         """The path of a row's image file where it has one, else 'source[row key]' (plus its stored name)."""

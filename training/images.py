@@ -7,6 +7,9 @@
 What ``load_image`` accepts: a PIL image, encoded bytes, a ``datasets.Image(decode=False)`` dict
 ``{"bytes", "path"}``, or a path. A file that cannot be decoded (corrupt, truncated, zero bytes, text named
 .png, missing, a decompression bomb) raises ``BadImage`` naming it; the dataset wrapper skips and logs it.
+Decompression bombs: an image whose header declares more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL's default,
+89,478,485: about 9459 x 9459; set it to None to lift the limit) is refused from its header alone, before any pixel
+buffer is allocated. PIL itself only warns between 1x and 2x that limit and would decode such an image.
 
 Mode policy (``to_rgb``):
 - transparency (RGBA, LA, PA, premultiplied RGBa / La, P or L or RGB with a ``transparency`` entry) is
@@ -156,7 +159,7 @@ def load_image(obj: Any, background: tuple[int, int, int] = (255, 255, 255), nam
         return _upright_rgb(obj, background, name)
     src = _source(obj, name)
     try:
-        with Image.open(src) as im:
+        with _open(src) as im:
             return _upright_rgb(im, background, name)
     except BadImage:
         raise
@@ -164,7 +167,24 @@ def load_image(obj: Any, background: tuple[int, int, int] = (255, 255, 255), nam
         raise BadImage(name, _reason(e)) from e
 
 
+def _open(src: Any) -> Image.Image:
+    """Image.open without PIL's DecompressionBombWarning: ``_check_pixels`` refuses those images instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(src)
+
+
+def _check_pixels(im: Image.Image, name: str) -> None:
+    """Refuse an image with more pixels than PIL.Image.MAX_IMAGE_PIXELS, from its header (nothing decoded)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = im.size
+    if limit is not None and w * h > limit:
+        raise BadImage(name, f"{w}x{h} = {w * h:,} pixels exceeds PIL.Image.MAX_IMAGE_PIXELS = {limit:,} "
+                             f"(a decompression bomb?); not decoded")  # fmt: skip
+
+
 def _upright_rgb(im: Image.Image, background: tuple[int, int, int], name: str) -> Image.Image:
+    _check_pixels(im, name)
     try:
         im.load()  # decode now, so a truncated file fails here and not somewhere later
     except Exception as e:  # noqa: BLE001
@@ -177,6 +197,8 @@ def _upright_rgb(im: Image.Image, background: tuple[int, int, int], name: str) -
 def _reason(e: BaseException) -> str:
     if isinstance(e, Image.UnidentifiedImageError):
         return "not a recognised image format"
+    if isinstance(e, Image.DecompressionBombError):  # PIL's own refusal, beyond twice MAX_IMAGE_PIXELS
+        return f"{e} Not decoded"
     return f"cannot decode ({type(e).__name__}: {e})"
 
 
@@ -188,9 +210,12 @@ def peek_size(obj: Any, name: str | None = None) -> tuple[int, int]:
         return (w, h) if exif_orientation(obj, header_only=True) >= 5 else (h, w)
     src = _source(obj, name)
     try:
-        with Image.open(src) as im:
+        with _open(src) as im:
+            _check_pixels(im, name)
             w, h = im.size
             swap = exif_orientation(im, header_only=True) >= 5
+    except BadImage:
+        raise
     except Exception as e:  # noqa: BLE001
         raise BadImage(name, _reason(e)) from e
     if w < 1 or h < 1:

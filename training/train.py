@@ -19,7 +19,9 @@ adapters only; or, with ``task: vae``, the autoencoder and its discriminator: tr
 
 The learning rate is a pure function of the step (nanoGPT's get_lr), so it needs no saved scheduler state.
 Every random draw of a sample is keyed by (seed, epoch, index) (training/conditions.py): resuming is exact, and
-N processes with batch b take the same steps as 1 process with batch b and grad_accum N.
+N processes with batch b take the same steps as 1 process with batch b and grad_accum N. The data workers make
+those draws (training/draws.py) with CPU generators: the same numbers on any device, and no per-sample work in the
+step (per-sample CUDA generators in the step cost a small model most of its step time).
 
 Distribution: DDP (``configs/accelerate/ddp.yaml``) is supported and tested with 2 CPU processes. FSDP and
 DeepSpeed are refused with an explicit error for now: checkpoints and the final bundle would need their sharded
@@ -53,7 +55,8 @@ from ldm.lora import inject_lora, lora_state_dict, merge_lora
 from ldm.loss import DiffusionLoss
 
 from . import checkpointing as ckpt
-from .conditions import TextTowers, batch_sizes, drop_flags, keyed_generators, keyed_seed, make_cond, tokenize
+from .conditions import TextTowers, TokenCache, batch_sizes, drop_flags, keyed_seed, make_cond
+from .draws import KeyedDraws, noise_draw
 from .config import OptimConfig, TrainConfig, load_train_config
 from .metrics import MetricsLog
 from .train_data import ROW_INDEX, BatchStream, cache_latents, train_rows
@@ -228,7 +231,12 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     if cfg.cache.latents:
         rows = cache_latents(rows, bundle.vae, cfg.batch_size, device, weight_dtype, cfg.data.seed,
                              progress=(lambda i, n: logger.info("caching latents %d/%d", i, n)) if main else None)  # fmt: skip
+    image_rows = rows.rows if cfg.cache.latents else rows  # IndexedRows of the images (the VAE scale fit reads them)
+    vae_cfg = bundle.config.vae
+    rows = KeyedDraws(rows, cfg.seed, latent_channels=vae_cfg.latent_channels, factor=vae_cfg.downsample_factor,
+                      cached=cfg.cache.latents, num_train_timesteps=None if loss_fn is None else loss_fn.num_train_timesteps)  # fmt: skip
     text_cache: dict[str, tuple[Tensor, Tensor | None]] = {}
+    token_ids = TokenCache(towers)
 
     # ---- resume
     state = ckpt.TrainState(world_size=world)
@@ -253,34 +261,33 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     def micro_step(epoch: int, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss of one micro-batch and its parts to log (see the module docstring)."""
         idx = batch[ROW_INDEX].tolist()
-        if vae_step is not None:  # task=vae: the image itself; the posterior sample keyed per image
-            pixels = batch["pixel_values"].to(device, torch.float32)
-            return wrapped[0](pixels, state.step, keyed_generators(cfg.seed, epoch, idx, "vae", device))
+        eps = batch["_eps"].to(device)  # (B, z, h, w) the posterior sample's noise, drawn by the data workers
+        if vae_step is not None:  # task=vae: the image itself
+            return wrapped[0](batch["pixel_values"].to(device, torch.float32), state.step, eps=eps)
         drop_text = drop_flags(cfg.cond_dropout.text, cfg.seed, epoch, idx, "text")
         texts = ["" if d else t for t, d in zip(batch["text"], drop_text.tolist())]
-        gens_vae = keyed_generators(cfg.seed, epoch, idx, "vae", device)
         with torch.no_grad():
             pixels = batch["pixel_values"].to(device, weight_dtype)
             if cfg.cache.latents:  # cached (mean, logvar) stacked on channels
                 mean, logvar = pixels.chunk(2, dim=1)
-                z0 = bundle.vae.scale_latent(sample_posterior(mean, logvar, gens_vae))
             else:
-                z0 = bundle.vae.encode(pixels, sample=True, generator=gens_vae)  # (B, z, h, w)
+                mean, logvar = bundle.vae.moments(pixels)  # (B, z, h, w) each
+            z0 = bundle.vae.scale_latent(sample_posterior(mean, logvar, eps=eps))
         if cfg.train_text_encoder:
-            context, pooled = text_w(tokenize(towers, texts, device))
+            context, pooled = text_w(token_ids(texts, device))
         else:
             context, pooled = encode_frozen(texts)
         drop_sizes = drop_flags(cfg.cond_dropout.sizes, cfg.seed, epoch, idx, "sizes") if sdxl else None
         cond = make_cond(context, pooled, batch_sizes(batch) if sdxl else None, sdxl=sdxl, drop_sizes=drop_sizes)
-        return loss_fn(z0.float(), cond, keyed_generators(cfg.seed, epoch, idx, "loss", device)).loss, {}
+        return loss_fn.compute(z0.float(), cond, noise_draw(batch, device)).loss, {}
 
     @torch.no_grad()
     def encode_frozen(texts: list[str]) -> tuple[Tensor, Tensor | None]:
         if not cfg.cache.text:
-            return towers(tokenize(towers, texts, device))
+            return towers(token_ids(texts, device))
         new = sorted({t for t in texts if t not in text_cache})
         if new:
-            context, pooled = towers(tokenize(towers, new, device))
+            context, pooled = towers(token_ids(new, device))
             for i, t in enumerate(new):
                 text_cache[t] = (context[i].cpu(), None if pooled is None else pooled[i].cpu())
         context = torch.stack([text_cache[t][0] for t in texts]).to(device)
@@ -377,7 +384,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     # ---- the deliverables
     if main:
         if vae_step is not None and cfg.vae_fit_scale:
-            fit_vae_scale(cfg, bundle, trainable, ema, train_rows(cfg, rows.rows.hf, eval_transform=True), device)
+            fit_vae_scale(cfg, bundle, trainable, ema, train_rows(cfg, image_rows.rows.hf, eval_transform=True), device)
         save_final(cfg, bundle, trainable, ema, out)
         metrics.close()
     accelerator.wait_for_everyone()

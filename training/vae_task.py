@@ -45,9 +45,10 @@ class VAETrainStep(nn.Module):
         super().__init__()
         self.vae, self.criterion = vae, criterion
 
-    def forward(self, images: Tensor, step: int, generator=None) -> tuple[Tensor, dict[str, Tensor]]:
-        """images (B, 3, H, W) in [-1, 1] -> (loss, detached () logs)."""
-        loss, logs = self.criterion.generator_loss(self.vae, images, step, generator)
+    def forward(self, images: Tensor, step: int, generator=None, eps: Tensor | None = None) -> tuple[Tensor, dict]:
+        """images (B, 3, H, W) in [-1, 1] -> (loss, detached () logs); the posterior sample from ``generator`` or
+        its standard-normal numbers ``eps`` (B, z, h, w)."""
+        loss, logs = self.criterion.generator_loss(self.vae, images, step, generator, eps)
         d_loss, d_logs = self.criterion.discriminator_loss(logs.pop("reconstructions"), images, step)
         return loss + d_loss, {**logs, **d_logs}
 
