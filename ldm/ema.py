@@ -93,12 +93,20 @@ class EMA:
         params = self._params(model)
         self.num_updates += 1
         one_minus_decay = 1 - self.decay_at(self.num_updates)
+        shadows, trained = [], []
         for name, s in self.shadow.items():
             p = params[name]
-            if p.requires_grad:
+            if p.requires_grad and p.dtype == s.dtype and p.device == s.device:
+                shadows.append(s)
+                trained.append(p.detach())
+            elif p.requires_grad:
                 s.sub_(one_minus_decay * (s - p))  # the expression of diffusers' EMAModel.step
             else:
                 s.copy_(p)
+        if shadows:  # the same expression, elementwise identical, in a few multi-tensor kernels
+            diff = torch._foreach_sub(shadows, trained)
+            torch._foreach_mul_(diff, one_minus_decay)
+            torch._foreach_sub_(shadows, diff)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
