@@ -372,13 +372,13 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
             window_images, window_start = 0.0, time.perf_counter()
         done = state.step == cfg.max_steps
         due = (cfg.validation.every and state.step % cfg.validation.every == 0) or done
+        paused = time.perf_counter()
         if due and (cfg.validation.recon_images if vae_step is not None else cfg.validation.prompts):
             validate(cfg, bundle, trainable, ema, state.step, out, metrics, main, device, recon_images)
             accelerator.wait_for_everyone()
-            window_start = time.perf_counter()
         if done or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
             save_state(cfg, state, trainable, param_names, optimizer, ema, ckroot, accelerator)
-            window_start = time.perf_counter()  # throughput counts training only
+        window_start += time.perf_counter() - paused  # throughput counts training only
     progress.close()
 
     # ---- the deliverables

@@ -5,9 +5,10 @@
     for epoch, consumed, batch in stream: ...                 # consumed: batches of `epoch` taken so far
 
 Position and resume: the batch order of an epoch depends only on (data.seed, epoch) (training/buckets.py), and
-every process gets the same number of batches per epoch. The stream starts an epoch by calling ``set_epoch`` on
-the sampler and the dataset, then skips the batches already consumed without loading them, so a run resumed at
-(epoch, consumed) sees exactly the batches the uninterrupted run saw next.
+every process gets the same number of batches per epoch. The stream's sampler calls ``set_epoch`` on the batch
+sampler and hands out (epoch, index) keys, so the dataset (in the DataLoader workers) switches epoch itself; it
+skips the batches already consumed without loading them, so a run resumed at (epoch, consumed) sees exactly the
+batches the uninterrupted run saw next.
 
 Each row carries its dataset index (``ROW_INDEX``), so per-sample random draws can be keyed by it
 (training/conditions.py).
@@ -18,6 +19,7 @@ evaluation transform (centre crop, no flip) and kept on the CPU; each step sampl
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any, Callable, Iterator
 
 import torch
@@ -72,23 +74,49 @@ def train_rows(cfg: TrainConfig, hf_dataset=None, eval_transform: bool = False) 
     return IndexedRows(ImageCaptionDataset(hf_dataset, cfg.data, train=not (cfg.cache.latents or eval_transform)))
 
 
-class _SkipFirst(Sampler[list[int]]):
-    """The batches of a batch sampler, less the first ``skip`` (never loaded)."""
+class _EpochRows(Dataset):
+    """Reads ``(epoch, index)`` keys: a worker's copy of the rows switches epoch itself, so one DataLoader (and one
+    set of worker processes) serves every epoch."""
 
-    def __init__(self, sampler, skip: int):
-        self.sampler, self.skip = sampler, skip
+    def __init__(self, rows):
+        self.rows, self.epoch = rows, None
 
     def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
+        return len(self.rows)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        for i, batch in enumerate(self.sampler):
-            if i >= self.skip:
-                yield batch
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        if epoch != self.epoch:
+            self.rows.set_epoch(epoch)
+            self.epoch = epoch
+        return self.rows[index]
+
+
+class _Endless(Sampler[list[tuple[int, int]]]):
+    """The batches of every epoch from (epoch, consumed) on, as (epoch, index) keys; records the position after
+    each batch it hands out in ``positions`` (the DataLoader returns batches in this order)."""
+
+    def __init__(self, sampler, epoch: int, consumed: int, positions: deque):
+        self.sampler, self.epoch, self.consumed, self.positions = sampler, epoch, consumed, positions
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, skip = self.epoch, self.consumed
+        while True:
+            if skip >= len(self.sampler):
+                epoch, skip = epoch + 1, 0
+            self.sampler.set_epoch(epoch)
+            for k, batch in enumerate(self.sampler):  # the batches of an epoch depend only on (seed, epoch)
+                if k >= skip:
+                    self.positions.append((epoch, k + 1))
+                    yield [(epoch, i) for i in batch]
+            epoch, skip = epoch + 1, 0
 
 
 class BatchStream:
-    """Endless micro-batches of this process from (epoch, consumed) on; yields (epoch, consumed after, batch)."""
+    """Endless micro-batches of this process from (epoch, consumed) on; yields (epoch, consumed after, batch).
+
+    One DataLoader for the whole run: its workers live as long as the stream (a DataLoader per epoch forked its
+    workers again every epoch, which at a few dozen steps an epoch cost a small model much of its time)."""
 
     def __init__(self, rows, batch_size: int, rank: int, world_size: int, *, epoch: int = 0, consumed: int = 0,
                  num_workers: int = 0, collate: Callable = collate_rows):  # fmt: skip
@@ -106,20 +134,16 @@ class BatchStream:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[tuple[int, int, dict | None]]:
-        while True:
-            if self.consumed >= len(self.sampler):
-                self.epoch, self.consumed = self.epoch + 1, 0
-            self.sampler.set_epoch(self.epoch)
-            self.rows.set_epoch(self.epoch)
-            # its own generator: creating an iterator draws a base seed, which must not move the global RNG
-            # (a resumed run creates one where the uninterrupted run did not)
-            seed = keyed_seed(self.sampler.seed, self.epoch, self.rank, "loader")
-            loader = DataLoader(self.rows, batch_sampler=_SkipFirst(self.sampler, self.consumed),
-                                collate_fn=self.collate, num_workers=self.num_workers,
-                                generator=torch.Generator().manual_seed(seed))  # fmt: skip
-            for batch in loader:
-                self.consumed += 1
-                yield self.epoch, self.consumed, batch
+        positions: deque = deque()
+        # its own generator: creating an iterator draws a base seed, which must not move the global RNG
+        # (a resumed run creates one where the uninterrupted run did not)
+        seed = keyed_seed(self.sampler.seed, self.epoch, self.rank, "loader")
+        loader = DataLoader(_EpochRows(self.rows), batch_sampler=_Endless(self.sampler, self.epoch, self.consumed, positions),
+                            collate_fn=self.collate, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        for batch in loader:
+            self.epoch, self.consumed = positions.popleft()
+            yield self.epoch, self.consumed, batch
 
 
 # ---------------------------------------------------------------------------------------------- caches
