@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .convert import DTYPES, FAMILIES, PREDICTIONS
+from .default_model import default_model_path
 from .metadata import GenerationParams, read_png_params
 
 MODES = ("txt2img", "img2img", "inpaint")
@@ -64,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.error = _one_line_error(p)  # argparse's own errors too: one line, exit code 2
     from_png = " (default: from --from-png, else %s)"
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts; --n images each")
-    p.add_argument("--model", required=True, metavar="PATH", help="original .safetensors/.ckpt file, diffusers "
-                   "folder or ldm folder")  # fmt: skip
+    p.add_argument("--model", metavar="PATH", help="original .safetensors/.ckpt file, diffusers folder or ldm "
+                   "folder (default: the embedded default model, 32 px shapes: inference/default_model)")  # fmt: skip
     p.add_argument("--prompt-file", metavar="FILE", help="more prompts, one per line, after the PROMPT arguments; blank lines are skipped")
     p.add_argument("--from-png", metavar="FILE", help="take every setting stored in this PNG (prompt, seed, size, "
                    "sampler, ...); the flags given here override them")  # fmt: skip
@@ -103,6 +104,8 @@ def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
                    "on from the highest number already there (default: %(default)s/)")  # fmt: skip
     p.add_argument("--grid", action="store_true", help="also write all images of the run as one grid-NNNNN.png "
                    "(default: off)")  # fmt: skip
+    p.add_argument("--grid-scale", type=int, default=1, metavar="K", help="enlarge the grid K times (nearest "
+                   "neighbour), for small images (default: %(default)s)")  # fmt: skip
     p.add_argument("--device", default=None, help="torch device (default: the accelerate process's device: "
                    "cuda:LOCAL_RANK if there is a GPU, else cpu)")  # fmt: skip
     p.add_argument("--dtype", default="fp32", help=f"network dtype: {', '.join(DTYPES)} (default: %(default)s)")
@@ -146,6 +149,7 @@ class Settings:
     batch: int
     out: Path
     grid: bool
+    grid_scale: int
     device: str | None
     dtype: str
     compile: bool
@@ -181,7 +185,7 @@ def resolve(args: argparse.Namespace) -> Settings:
     _check_choice("--schedule", value["schedule"], SCHEDULES)
     _check_sampler(value["sampler"], value["eta"])
     _check_numbers(value, args)
-    model = _check_model(Path(args.model))
+    model = _check_model(Path(args.model) if args.model is not None else default_model_path())
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
@@ -201,7 +205,7 @@ def resolve(args: argparse.Namespace) -> Settings:
               file=sys.stderr)  # fmt: skip
     return Settings(
         mode=mode, model=model, prompts=prompts, seed=value["seed"], n=args.n, batch=args.batch, out=out,
-        grid=args.grid, device=device, dtype=args.dtype, compile=args.compile, family=args.family,
+        grid=args.grid, grid_scale=args.grid_scale, device=device, dtype=args.dtype, compile=args.compile, family=args.family,
         prediction=args.prediction, overrides=list(args.overrides), quiet=args.quiet, sampling=sampling,
         png_hash=png.model_hash if png is not None else "",
     )  # fmt: skip
@@ -263,6 +267,7 @@ def _check_numbers(value: dict, args: argparse.Namespace) -> None:
     need(value["clip_skip"] is None or value["clip_skip"] >= 1, f"--clip-skip: must be >= 1, got {value['clip_skip']}")
     need(args.n >= 1, f"--n: must be >= 1, got {args.n}")
     need(args.batch >= 1, f"--batch: must be >= 1, got {args.batch}")
+    need(1 <= args.grid_scale <= 16, f"--grid-scale: must be in [1, 16], got {args.grid_scale}")
     need(args.tile is None or args.tile >= 1, f"--tile: must be >= 1 latent pixels, got {args.tile}")
     seed = value["seed"]
     need(seed is None or seed >= 0, f"--seed: must be >= 0, got {seed}")
@@ -361,7 +366,7 @@ def generate(req: Settings) -> int:
         where = f"{paths[0].name} .. {paths[-1].name}" if len(paths) > 1 else paths[0].name
         print(f"ldm {req.mode}: {len(paths)} image(s) in {req.out}/ ({where})", file=sys.stderr, flush=True)
         if req.grid:
-            print(_write_grid(paths, len(req.prompts), req.out, start), flush=True)
+            print(_write_grid(paths, len(req.prompts), req.out, start, req.grid_scale), flush=True)
     return 0
 
 
@@ -422,7 +427,7 @@ def _advance(bar, done_before: int):
     return callback
 
 
-def _write_grid(paths: list[Path], n_prompts: int, out: Path, start: int) -> Path:
+def _write_grid(paths: list[Path], n_prompts: int, out: Path, start: int, scale: int = 1) -> Path:
     from PIL import Image  # noqa: PLC0415
 
     from .grid import grid_columns, image_grid  # noqa: PLC0415
@@ -433,5 +438,8 @@ def _write_grid(paths: list[Path], n_prompts: int, out: Path, start: int) -> Pat
         with Image.open(p) as im:
             images.append(im.convert("RGB"))
     path = out / grid_name(start)
-    image_grid(images, grid_columns(len(images), n_prompts)).save(path)
+    grid = image_grid(images, grid_columns(len(images), n_prompts))
+    if scale > 1:  # small models (32 px): enlarged for viewing, pixels kept sharp
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    grid.save(path)
     return path

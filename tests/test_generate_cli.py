@@ -143,7 +143,7 @@ def bad_input_cases(tmp: Path) -> list[tuple[list, str]]:
         (["txt2img", "--model", "no/such/model", "a"], "--model no/such/model: no such file or folder"),
         (["txt2img", "--model", "notes.txt", "a"], "notes.txt"),  # exists, but no model format
         (["txt2img", *m, "a", "--out", "notes.txt"], "--out notes.txt: exists and is not a folder"),
-        (["txt2img", "a"], "the following arguments are required: --model"),
+        (["txt2img", "a", "--grid-scale", "0"], "--grid-scale: must be in [1, 16], got 0"),
         (["img2img", *m, "a"], "the following arguments are required: --init"),
         (["img2img", *m, "a", "--init", "none.png"], "--init none.png: no such file"),
         (["img2img", *m, "a", "--init", "notes.txt"], "--init notes.txt: not a readable image"),
@@ -424,3 +424,22 @@ def test_real_img2img_and_inpaint(real_pipeline, tiny_model, tmp_path, monkeypat
     p = read_png_params(tmp_path / "inp" / "00000-2.png")
     assert (p.mode, p.strength) == ("inpaint", 1.0)
     assert pixels(tmp_path / "inp" / "00000-2.png").shape == (24, 32, 3)
+
+
+def test_without_model_the_embedded_default_makes_the_images(tmp_path):
+    """No --model: the committed model (inference/default_model), 32 px, with its own config; the enlarged grid is
+    the images scaled by nearest neighbour."""
+    from PIL import Image
+
+    from inference.default_model import default_model_path
+    from inference.pipeline import Pipeline
+
+    out = tmp_path / "out"
+    assert exit_code(["txt2img", "a red circle", "--steps", "4", "--seed", "3", "--cfg", "5", "--grid",
+                      "--grid-scale", "2", "--out", str(out), "-q"]) == 0  # fmt: skip
+    made = np.asarray(Image.open(out / "00000-3.png").convert("RGB"))
+    assert made.shape == (32, 32, 3)
+    want = Pipeline.load(default_model_path())("a red circle", steps=4, seed=3, cfg_scale=5).images[0]
+    np.testing.assert_array_equal(made, np.asarray(want.convert("RGB")))
+    grid = np.asarray(Image.open(out / "grid-00000.png").convert("RGB"))
+    np.testing.assert_array_equal(grid, made.repeat(2, axis=0).repeat(2, axis=1))

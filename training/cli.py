@@ -20,6 +20,10 @@ KEY=VALUE after it overrides one setting, with dotted keys:
   ldm train my.yaml model.source=sd15.safetensors data.source=./photos lora.rank=8
   ldm train my.yaml resume=never output_dir=runs/again
 
+With no CONFIG, `ldm train` trains the embedded default (a VAE, then a U-Net and text tower of the
+builtin shapes world) at CPU scale into runs/default; configs/train/shapes-vae.yaml and shapes.yaml are its
+full-size (GPU) configurations.
+
 Every setting is checked before any model is loaded; an error names the key. The run writes to output_dir:
 checkpoints/ (resumable step folders and a 'latest' pointer; with resume=auto a rerun continues from
 there, mid-epoch), logs/ (metrics.jsonl, and TensorBoard events when tensorboard is installed),
@@ -32,7 +36,9 @@ batch_size is per process: an optimizer step sees batch_size * grad_accum * proc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", metavar="CONFIG", help="YAML file with the TrainConfig settings")
+    parser.add_argument("config", metavar="CONFIG", nargs="?", default=None,
+                        help="YAML file with the TrainConfig settings; none: train the embedded default's two "
+                             "stages at CPU scale into runs/default (training/recipe.py, a few minutes)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override settings, e.g. optim.lr=3e-4")
     parser.add_argument("--resume", metavar="WHERE", default=None,
                         help="'latest' (the newest complete checkpoint in output_dir; an error if there is none), "

@@ -551,6 +551,15 @@ def save_final(cfg, bundle, trainable, ema, out: Path) -> None:
 
 def run_args(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"resume={args.resume}"] if getattr(args, "resume", None) else [])
+    if args.config is None and args.print_config:
+        raise ValueError("--print-config: give a CONFIG (no CONFIG runs the embedded default's recipe, "
+                         "configs/train/shapes-vae.yaml then shapes.yaml at CPU scale)")  # fmt: skip
+    if args.config is None:  # the embedded default's recipe (training/recipe.py)
+        from .recipe import run_default
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        run_default(extra=overrides)
+        return 0
     cfg = load_train_config(args.config, overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
