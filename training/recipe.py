@@ -25,11 +25,11 @@ CONFIGS = Path(configs.__file__).resolve().parent / "train"
 OUT = "runs/default"
 # per stage: the YAML and its CPU-scale overrides
 CPU_OVERRIDES = {
-    "shapes-vae.yaml": ["shapes.rows=2000", "batch_size=16", "max_steps=300", "lr_schedule.warmup_steps=20",
+    "shapes-vae.yaml": ["shapes.rows=2000", "batch_size=16", "max_steps=250", "lr_schedule.warmup_steps=20",
                         "optim.lr=1e-3", "data.num_workers=0", "checkpoint_every=200", "validation.every=200",
                         "log_every=20"],  # fmt: skip
-    "shapes.yaml": ["shapes.rows=4000", "batch_size=32", "max_steps=1000", "lr_schedule.warmup_steps=50",
-                    "data.num_workers=0", "checkpoint_every=300", "validation.every=300", "log_every=20",
+    "shapes.yaml": ["shapes.rows=4000", "batch_size=32", "max_steps=500", "lr_schedule.warmup_steps=50",
+                    "data.num_workers=0", "checkpoint_every=250", "validation.every=250", "log_every=20",
                     "validation.images_per_prompt=2"],  # fmt: skip
 }
 

@@ -414,23 +414,29 @@ def resume(path: Path, cfg, trainable, param_names, optimizer, ema, rank: int, w
     if changed:
         logger.warning("resuming with settings that differ from the checkpoint's (the run is then not the one an "
                        "uninterrupted run would have been): %s", ", ".join(changed))  # fmt: skip
+    # read and check every file first, then apply: a truncated or corrupt file leaves the live objects untouched
     weights = read_state_dict(path / "model.safetensors")
     if sorted(weights) != sorted(param_names):
         missing, extra = sorted(set(param_names) - set(weights)), sorted(set(weights) - set(param_names))
         raise CheckpointError(f"{path / 'model.safetensors'}: holds other weights than this run trains: missing "
                               f"{missing[:3]} ({len(missing)}), unexpected {extra[:3]} ({len(extra)})")  # fmt: skip
+    for name, p in trainable.named_tensors().items():
+        if weights[name].shape != p.shape:
+            raise CheckpointError(f"{path / 'model.safetensors'}: {name} has shape {tuple(weights[name].shape)}, "
+                                  f"the model {tuple(p.shape)}")  # fmt: skip
+    optimizer_state = ckpt.read_optimizer_state(path, param_names)
+    ema_state = None
+    if ema is not None and (path / "ema.json").is_file():
+        ema_state = ckpt.read_state(path / "ema")
     with torch.no_grad():
         for name, p in trainable.named_tensors().items():
-            if weights[name].shape != p.shape:
-                raise CheckpointError(f"{path / 'model.safetensors'}: {name} has shape {tuple(weights[name].shape)}, "
-                                      f"the model {tuple(p.shape)}")  # fmt: skip
             p.copy_(weights[name])
-    optimizer.load_state_dict(ckpt.read_optimizer_state(path, param_names))
+    optimizer.load_state_dict(optimizer_state)
     for group in optimizer.param_groups:  # hyper-parameters come from this run's config
         group.update(betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     if ema is not None:
-        if (path / "ema.json").is_file():
-            ema.load_state_dict(ckpt.read_state(path / "ema"))
+        if ema_state is not None:
+            ema.load_state_dict(ema_state)
         else:
             logger.warning("%s has no EMA state: the EMA starts from the resumed weights", path)
             current = {f"shadow.{n}": p.detach() for n, p in trainable.named_parameters()}
@@ -585,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError) as e:  # bad input: one line, exit code 2
         print(f"ldm train: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions ...: one line naming the file, exit code 1
+        print(f"ldm train: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
