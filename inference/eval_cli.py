@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .convert import DTYPES
 from .evaluate import SUITES, failed_checks
+from .generate_cli import check_device, one_line_error
 
 ALL_KINDS = "both"  # --prompts value meaning every prompt set of the suite
 DEFAULT_N = 200
@@ -47,7 +48,7 @@ def register(subparsers) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message}\n")  # argparse's errors too: one line, exit 2
+    p.error = one_line_error(p)  # argparse's errors too: one line, exit 2
     kinds = "; ".join(f"{name}: {', '.join(s.kinds)}" for name, s in SUITES.items())
     p.add_argument("--suite", default="shapes", choices=sorted(SUITES), help="what is measured "
                    "(default: %(default)s)")  # fmt: skip
@@ -213,17 +214,10 @@ def _vae_factor(model: Path) -> int | None:
 
 
 def _device(device: str | None) -> str:
+    """--device checked (generate_cli.check_device); default: cuda if available, else cpu."""
     import torch  # noqa: PLC0415
 
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"--device: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here")
-    return device
+    return check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -62,7 +62,7 @@ def register(subparsers) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
-    p.error = _one_line_error(p)  # argparse's own errors too: one line, exit code 2
+    p.error = one_line_error(p)  # argparse's own errors too: one line, exit code 2
     from_png = " (default: from --from-png, else %s)"
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts; --n images each")
     p.add_argument("--model", metavar="PATH", help="original .safetensors/.ckpt file, diffusers folder or ldm "
@@ -127,7 +127,7 @@ def _size_default(mode: str) -> str:
     return "the model's default size" if mode == "txt2img" else "the --init image's size"
 
 
-def _one_line_error(p: argparse.ArgumentParser):
+def one_line_error(p: argparse.ArgumentParser):
     def error(message: str):
         p.exit(2, f"{p.prog}: error: {message}\n")
 
@@ -189,7 +189,7 @@ def resolve(args: argparse.Namespace) -> Settings:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
-    device = _check_device(args.device)
+    device = check_device(args.device)
 
     images = _check_images(args, value) if mode != "txt2img" else {}  # may set value["width"/"height"]
     sampling = dict(negative=value["negative"], steps=value["steps"], sampler=value["sampler"],
@@ -287,7 +287,7 @@ def _check_model(path: Path) -> Path:
     return path
 
 
-def _check_device(device: str | None) -> str | None:
+def check_device(device: str | None) -> str | None:
     if device is None:
         return None
     import torch  # noqa: PLC0415
