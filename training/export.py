@@ -154,6 +154,7 @@ def export_checkpoint(
     from ldm.lora import lora_state_dict, merge_lora
 
     from . import train as train_mod
+    from .finish import lora_metadata
 
     with torch.random.fork_rng(devices=[]):  # build_bundle seeds the global RNG; leave the caller's as it was
         bundle = train_mod.build_bundle(cfg)
@@ -176,12 +177,6 @@ def export_checkpoint(
         save_bundle(bundle, out, format=to, progress=say)
     say(f"done: {what} weights of {step} ({', '.join(trained)}) -> {out} ({to})")
     return out
-
-
-def lora_metadata(lora_cfg) -> dict[str, str]:
-    """The string metadata of a LoRA adapter file (what training/train.py save_final writes)."""
-    return {"rank": str(lora_cfg.rank), "alpha": str(lora_cfg.alpha),
-            "target_modules": ",".join(lora_cfg.target_modules)}
 
 
 # ------------------------------------------------------------------------------------------------- checks

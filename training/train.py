@@ -15,7 +15,8 @@ adapters only; or, with ``task: vae``, the autoencoder and its discriminator: tr
     non-finite loss on any process -> skip: no optimizer step, no EMA update, gradients dropped; counted, and
         max_consecutive_skips in a row stop the run
     clip the gradient norm; optimizer step (the fp16 scaler may skip it: counted too); EMA update
-    log (metrics.jsonl + TensorBoard), validation grid, checkpoint (training/checkpointing.py)
+    log (metrics.jsonl + TensorBoard), validation grid (training/finish.py), checkpoint (training/resume.py,
+    training/checkpointing.py)
 
 The learning rate is a pure function of the step (nanoGPT's get_lr), so it needs no saved scheduler state.
 Every random draw of a sample is keyed by (seed, epoch, index) (training/conditions.py): resuming is exact, and
@@ -47,11 +48,11 @@ import autoencoder  # noqa: F401  (registers the VAE component)
 import text_encoder  # noqa: F401  (registers the text-tower component)
 from autoencoder.loss import VAELoss
 from autoencoder.vae import sample_posterior
-from ldm.bundle import Bundle, load_bundle, save_bundle
-from ldm.checkpoint import CheckpointError, read_state_dict, write_safetensors
+from ldm.bundle import Bundle, load_bundle
+from ldm.checkpoint import CheckpointError
 from ldm.config import save_config, to_yaml
 from ldm.ema import EMA
-from ldm.lora import inject_lora, lora_state_dict, merge_lora
+from ldm.lora import inject_lora
 from ldm.loss import DiffusionLoss
 
 from . import checkpointing as ckpt
@@ -60,8 +61,9 @@ from .draws import KeyedDraws, noise_draw
 from .config import OptimConfig, TrainConfig, load_train_config
 from .metrics import MetricsLog
 from .train_data import ROW_INDEX, BatchStream, cache_latents, train_rows
-from .vae_task import VAETrainStep, fit_scale_factor, fixed_images, reconstruct_grid
-from .validation import sample_validation, save_grid
+from .finish import fit_vae_scale, save_final, validate
+from .resume import resume, save_state
+from .vae_task import VAETrainStep, fixed_images
 
 logger = logging.getLogger("ldm.train")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -223,15 +225,16 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         what = ("VAE + discriminator" if vae_step is not None else "LoRA" if cfg.lora else
                 "U-Net" + (" + text" if cfg.train_text_encoder else ""))  # fmt: skip
         logger.info("training %s parameters (%s) on %d process(es), %s", f"{n_train:,}", what, world, device)
+    # task=vae: the images with the evaluation transform, for the reconstruction grid and the latent scale fit
+    eval_rows = train_rows(cfg, rows.rows.hf, eval_transform=True) if vae_step is not None else None
     recon_images = None
-    if vae_step is not None and cfg.validation.recon_images and main:
-        recon_images = fixed_images(train_rows(cfg, rows.rows.hf, eval_transform=True), cfg.validation.recon_images)
+    if eval_rows is not None and cfg.validation.recon_images and main:
+        recon_images = fixed_images(eval_rows, cfg.validation.recon_images)
 
     # ---- data
     if cfg.cache.latents:
         rows = cache_latents(rows, bundle.vae, cfg.batch_size, device, weight_dtype, cfg.data.seed,
                              progress=(lambda i, n: logger.info("caching latents %d/%d", i, n)) if main else None)  # fmt: skip
-    image_rows = rows.rows if cfg.cache.latents else rows  # IndexedRows of the images (the VAE scale fit reads them)
     vae_cfg = bundle.config.vae
     rows = KeyedDraws(rows, cfg.seed, latent_channels=vae_cfg.latent_channels, factor=vae_cfg.downsample_factor,
                       cached=cfg.cache.latents, num_train_timesteps=None if loss_fn is None else loss_fn.num_train_timesteps)  # fmt: skip
@@ -384,172 +387,12 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     # ---- the deliverables
     if main:
         if vae_step is not None and cfg.vae_fit_scale:
-            fit_vae_scale(cfg, bundle, trainable, ema, train_rows(cfg, image_rows.rows.hf, eval_transform=True), device)
+            fit_vae_scale(cfg, bundle, trainable, ema, eval_rows, device)
         save_final(cfg, bundle, trainable, ema, out)
         metrics.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"state": state, "output_dir": out, "losses": losses}
-
-
-# ------------------------------------------------------------------------------------- state, validation, saving
-
-
-def save_state(cfg, state, trainable, param_names, optimizer, ema, ckroot, accelerator) -> Path:
-    main = accelerator.is_main_process
-    return ckpt.save_checkpoint(
-        ckroot, state,
-        model_state={k: p.detach() for k, p in trainable.named_tensors().items()} if main else None,
-        optimizer_state=optimizer.state_dict() if main else None, param_names=param_names,
-        ema_state=ema.state_dict() if (ema is not None and main) else None, generator=None,
-        config_yaml=to_yaml(cfg), rank=accelerator.process_index, world_size=accelerator.num_processes,
-        barrier=accelerator.wait_for_everyone, keep_last=cfg.keep_last,
-    )  # fmt: skip
-
-
-def resume(path: Path, cfg, trainable, param_names, optimizer, ema, rank: int, world: int) -> ckpt.TrainState:
-    """Load a checkpoint folder into the live objects; returns its TrainState (the data position included)."""
-    state = ckpt.read_train_state(path)
-    changed = _changed_settings(path / "config.yaml", cfg)
-    if changed:
-        logger.warning("resuming with settings that differ from the checkpoint's (the run is then not the one an "
-                       "uninterrupted run would have been): %s", ", ".join(changed))  # fmt: skip
-    # read and check every file first, then apply: a truncated or corrupt file leaves the live objects untouched
-    weights = read_state_dict(path / "model.safetensors")
-    if sorted(weights) != sorted(param_names):
-        missing, extra = sorted(set(param_names) - set(weights)), sorted(set(weights) - set(param_names))
-        raise CheckpointError(f"{path / 'model.safetensors'}: holds other weights than this run trains: missing "
-                              f"{missing[:3]} ({len(missing)}), unexpected {extra[:3]} ({len(extra)})")  # fmt: skip
-    for name, p in trainable.named_tensors().items():
-        if weights[name].shape != p.shape:
-            raise CheckpointError(f"{path / 'model.safetensors'}: {name} has shape {tuple(weights[name].shape)}, "
-                                  f"the model {tuple(p.shape)}")  # fmt: skip
-    optimizer_state = ckpt.read_optimizer_state(path, param_names)
-    ema_state = None
-    if ema is not None and (path / "ema.json").is_file():
-        ema_state = ckpt.read_state(path / "ema")
-    with torch.no_grad():
-        for name, p in trainable.named_tensors().items():
-            p.copy_(weights[name])
-    optimizer.load_state_dict(optimizer_state)
-    for group in optimizer.param_groups:  # hyper-parameters come from this run's config
-        group.update(betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    if ema is not None:
-        if ema_state is not None:
-            ema.load_state_dict(ema_state)
-        else:
-            logger.warning("%s has no EMA state: the EMA starts from the resumed weights", path)
-            current = {f"shadow.{n}": p.detach() for n, p in trainable.named_parameters()}
-            ema.load_state_dict({**current, "num_updates": torch.tensor(0)})
-    if state.world_size == world:
-        ckpt.load_rng(path / "rng" / f"rank-{rank}")
-    else:  # the same global position, in this run's per-process batches; draws stay keyed, so only order moves
-        logger.warning("checkpoint written by %d processes, resuming with %d: not bit-exact", state.world_size, world)
-        state.batch_in_epoch = state.batch_in_epoch * state.world_size // world
-        torch.manual_seed(keyed_seed(cfg.seed, "process", rank, state.step))
-    state.world_size = world
-    return state
-
-
-# settings whose change makes a resumed run differ from the uninterrupted one (max_steps, logging, validation ... may change)
-_EXACTNESS_KEYS = ("task", "vae_loss", "vae_fit_scale", "model", "data", "shapes", "loss", "optim", "lr_schedule", "batch_size", "grad_accum", "seed", "ema",
-                   "lora", "train_text_encoder", "cond_dropout", "mixed_precision", "grad_clip")  # fmt: skip
-
-
-def _changed_settings(saved_yaml: Path, cfg: TrainConfig) -> list[str]:
-    import yaml
-
-    try:
-        saved = yaml.safe_load(saved_yaml.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return ["(the checkpoint's config.yaml is unreadable)"]
-    now = yaml.safe_load(to_yaml(cfg))
-    return [k for k in _EXACTNESS_KEYS if saved.get(k) != now.get(k)]
-
-
-def validate(cfg, bundle, trainable, ema, step, out, metrics, main, device, recon_images=None) -> None:
-    """task=unet: the validation prompts sampled to a grid; task=vae: ``recon_images`` over their reconstructions
-    (posterior mean), and the reconstruction PSNR. With the EMA weights when EMA is on (validation.use_ema)."""
-    if not main or (cfg.task == "vae" and recon_images is None):
-        return
-    use_ema = ema is not None and cfg.validation.use_ema
-    if use_ema:
-        ema.store(trainable)
-        ema.copy_to(trainable)
-    modules = (bundle.unet, bundle.text, bundle.vae)
-    was_training = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        if recon_images is not None:
-            images, value = reconstruct_grid(bundle.vae, recon_images, device, torch.float32)
-            ncols = len(recon_images)
-            metrics.log(step, {"vae/psnr": value})
-            logger.info("step %d: reconstruction PSNR %.2f dB", step, value)
-        else:
-            size = cfg.validation.size(cfg.data.size)
-            images = sample_validation(bundle, cfg.validation, size, device=device, dtype=torch.float32)
-            k = cfg.validation.images_per_prompt
-            ncols = k if k > 1 else len(images)
-    finally:
-        for m, was in zip(modules, was_training):
-            m.train(was)
-        if use_ema:
-            ema.restore(trainable)
-    path = save_grid(images, out / "validation" / f"{ckpt.step_dir_name(step)}.png", ncols)
-    metrics.image("validation", images, step)
-    logger.info("validation images: %s", path)
-
-
-def fit_vae_scale(cfg, bundle, trainable, ema, rows, device) -> None:
-    """task=vae: write 1 / std of the (EMA, when on) autoencoder's latents into the model config; the raw and EMA
-    models get the scale of their own weights."""
-    scales = {}
-    was = bundle.vae.training
-    bundle.vae.eval()
-    for which in ("raw", "ema") if ema is not None else ("raw",):
-        if which == "ema":
-            ema.store(trainable)
-            ema.copy_to(trainable)
-        try:
-            scales[which] = fit_scale_factor(bundle.vae, rows, cfg.batch_size, device, torch.float32)
-        finally:
-            if which == "ema":
-                ema.restore(trainable)
-    bundle.vae.train(was)
-    bundle.config = dataclasses.replace(bundle.config, vae=dataclasses.replace(bundle.config.vae, scale_factor=scales["raw"]))
-    bundle.fitted_scales = scales  # save_final puts the EMA one into model-ema
-    logger.info("latent scale_factor = 1 / std(z): %s", ", ".join(f"{k} {v:.5f}" for k, v in scales.items()))
-
-
-def save_final(cfg, bundle, trainable, ema, out: Path) -> None:
-    """model/ (ldm bundle), model-ema/ (bundle with the EMA weights), or with LoRA lora[-ema].safetensors and
-    model/ with the adapters merged."""
-    if cfg.lora is not None:
-        meta = {"rank": str(cfg.lora.rank), "alpha": str(cfg.lora.alpha), "target_modules": ",".join(cfg.lora.target_modules)}
-        write_safetensors(lora_state_dict(bundle.unet), out / "lora.safetensors", metadata=meta)
-        if ema is not None:
-            ema.store(trainable)
-            ema.copy_to(trainable)
-            write_safetensors(lora_state_dict(bundle.unet), out / "lora-ema.safetensors", metadata=meta)
-            ema.restore(trainable)
-        merge_lora(bundle.unet)
-        save_bundle(bundle, out / "model")
-    else:
-        save_bundle(bundle, out / "model")
-        if ema is not None:
-            ema.store(trainable)
-            ema.copy_to(trainable)
-            raw_config = bundle.config
-            if "ema" in getattr(bundle, "fitted_scales", {}):  # task=vae: the EMA autoencoder's own latent scale
-                vae = dataclasses.replace(raw_config.vae, scale_factor=bundle.fitted_scales["ema"])
-                bundle.config = dataclasses.replace(raw_config, vae=vae)
-            try:
-                save_bundle(bundle, out / "model-ema")
-            finally:
-                bundle.config = raw_config
-                ema.restore(trainable)
-    logger.info("saved %s", out / "model")
 
 
 # ---------------------------------------------------------------------------------------------- entry points
