@@ -190,6 +190,8 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
+    if cfg.resume == "latest" and ckpt.find_latest(ckroot) is None:  # before any data or model is loaded
+        raise ValueError(f"resume: 'latest' but {ckroot} holds no complete checkpoint (resume=auto starts afresh then)")
     rows = train_rows(cfg)  # the data first: a wrong path or column fails before any model is loaded
 
     # ---- model: what is frozen, what is trained
@@ -245,8 +247,6 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     state = ckpt.TrainState(world_size=world)
     source = None if cfg.resume == "never" else ckpt.find_latest(ckroot) if cfg.resume in ("auto", "latest") \
         else Path(cfg.resume)  # fmt: skip
-    if source is None and cfg.resume == "latest":
-        raise ValueError(f"resume: 'latest' but {ckroot} holds no complete checkpoint (resume=auto starts afresh then)")
     if source is not None:
         state = resume(source, cfg, trainable, param_names, optimizer, ema, rank, world)
         if main:
