@@ -42,7 +42,7 @@ def vector_kind(bundle: Bundle) -> str:
     """How the U-Net's vector condition is made: none, pooled text alone, or SDXL's pooled + size ids.
     ValueError for a vector width that none of these gives."""
     cfg = bundle.config
-    adm, pooled = cfg.unet.adm_in_channels, cfg.pooled_dim
+    adm, pooled = cfg.unet.adm_in_channels - cfg.condition_widths()["vector"], cfg.pooled_dim  # conditions add the rest
     if not adm:
         return "none"
     if pooled and adm == pooled + SDXL_SIZE_IDS * SDXL_SIZE_EMBED_DIM:

@@ -47,13 +47,16 @@ import autoencoder  # noqa: F401  registers the vae component
 import text_encoder  # noqa: F401  registers the text component
 from ldm.bundle import Bundle, load_bundle
 from ldm.generate import generators
-from ldm.guidance import cfg
+from ldm.conditions import guided_branches
+from ldm.guidance import cfg, guide
 from ldm.img2img import blend_known, inpaint_denoiser, noised, strength_sigmas
 from ldm.samplers import SAMPLERS, Step, get_sampler, per_sample_noise, randn_per_sample
 from ldm.samplers.config import DEFAULT_CONVENTION, TAKES_ETA, SamplerConfig, make_sigmas, sampler_options
 from ldm.schedule import SIGMA_SPACINGS
+from ldm.speed import SpeedConfig, apply_speed
 
 from .conditioning import PromptEncoder, vector_kind
+from .conditions import check_condition_args, condition_extra, set_control_windows
 from .images import (image_size, image_to_tensor, latent_mask, mask_to_tensor, open_image, pixels_to_pil,
                      to_pixels)  # fmt: skip
 from .metadata import GenerationParams, model_hash
@@ -95,29 +98,37 @@ class Request:
     progress: bool
     callback: Callable[[Step], None] | None
     latents: Tensor | None
+    conditions: dict | None = None  # name -> one value per prompt (ldm/conditions/), see inference/conditions.py
+    condition_scales: dict | None = None  # name -> its own guidance scale
+    condition_weights: dict | None = None  # name -> strength (controls)
+    condition_ranges: dict | None = None  # name -> (start, end) step fractions (controls)
 
     @property
     def guided(self) -> bool:
-        return self.sampler.cfg_scale > 1
+        return self.sampler.cfg_scale > 1 or bool(self.condition_scales)
 
 
 class Pipeline:
     """A loaded model and the one entry point ``pipe(prompt, ...) -> GenerationResult`` (see the module docstring)."""
 
-    def __init__(self, bundle: Bundle, name: str = "", model_hash: str = ""):
+    def __init__(self, bundle: Bundle, name: str = "", model_hash: str = "", speed: SpeedConfig | None = None):
+        """``speed``: the U-Net's speed switches (ldm/speed.py), applied in place on the device the bundle is on;
+        None: SpeedConfig(), the fastest correct defaults (CUDA: cuDNN attention, fused QKV, CUDA graphs; CPU: none)."""
         if not isinstance(bundle, Bundle):
             raise TypeError(f"Pipeline needs a Bundle, got {type(bundle).__name__}")
         self.bundle = bundle.eval()
         self.name = name
         self.model_hash = model_hash
+        self.speed = apply_speed(self.bundle.unet, speed)
 
     @classmethod
-    def load(cls, path, *, device="cpu", dtype="fp32", family=None, prediction=None, config_overrides=()) -> "Pipeline":
+    def load(cls, path, *, device="cpu", dtype="fp32", family=None, prediction=None, config_overrides=(),
+             speed: SpeedConfig | None = None) -> "Pipeline":  # fmt: skip
         """Load a model file or folder (any format ldm.bundle.load_bundle reads); name = its file / folder stem."""
         path = Path(path)
         bundle = load_bundle(path, dtype=dtype, device=device, family=family, prediction=prediction,
                              config_overrides=config_overrides)  # fmt: skip
-        return cls(bundle, name=path.name if path.is_dir() else path.stem, model_hash=model_hash(path))
+        return cls(bundle, name=path.name if path.is_dir() else path.stem, model_hash=model_hash(path), speed=speed)
 
     @property
     def device(self) -> torch.device:
@@ -156,7 +167,8 @@ class Pipeline:
                 height: int | None = None, n: int = 1, batch_size: int | None = None, init_image=None,
                 strength: float = 0.8, mask=None, inpaint: str = "auto", clip_skip: int | None = None,
                 eta: float | None = None, tile: int | None = None, progress: bool = False, callback=None,
-                latents=None) -> Request:  # fmt: skip
+                latents=None, conditions=None, condition_scales=None, condition_weights=None,
+                condition_ranges=None) -> Request:  # fmt: skip
         """The checked, resolved form of a call's arguments."""
         cfg = self.bundle.config
         prompts = _strings("prompt", prompt)
@@ -187,7 +199,7 @@ class Pipeline:
             _int("tile", tile, 1)
         if inpaint not in INPAINT_MODES:
             raise ValueError(f"inpaint: unknown {inpaint!r}; allowed: {', '.join(INPAINT_MODES)}")
-        latent_ch, in_ch = cfg.vae.latent_channels, cfg.unet.in_channels
+        latent_ch, in_ch = cfg.vae.latent_channels, cfg.unet.in_channels - cfg.condition_widths()["concat"]
         if in_ch not in (latent_ch, 2 * latent_ch + 1):
             raise ValueError(f"model: a U-Net with {in_ch} input channels is not supported here (the latent's "
                              f"{latent_ch}, or {2 * latent_ch + 1} for an inpainting U-Net)")  # fmt: skip
@@ -238,11 +250,13 @@ class Pipeline:
             inpaint_mode = inpaint if inpaint != "auto" else ("unet" if in_ch == 2 * latent_ch + 1 else "blend")
         sc = SamplerConfig(name=sampler, steps=steps, sigma_spacing=schedule, eta=eta, cfg_scale=float(cfg_scale),
                            guidance_rescale=float(guidance_rescale))  # fmt: skip
+        conds = check_condition_args(self.bundle, len(prompts), (width, height), conditions, condition_scales,
+                                     condition_weights, condition_ranges)  # fmt: skip
         return Request(
             prompts=[p for p in prompts for _ in range(n)], negatives=[q for q in negatives for _ in range(n)],
             seeds=seeds, width=width, height=height, mode=mode, inpaint=inpaint_mode, sampler=sc,
             strength=float(strength), batch_size=batch_size or total, init_images=init_t, masks=mask_t, n=n,
-            clip_skip=clip_skip, tile=tile, progress=progress, callback=callback, latents=latents,
+            clip_skip=clip_skip, tile=tile, progress=progress, callback=callback, latents=latents, **conds,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ running
@@ -312,7 +326,7 @@ class Pipeline:
         mask_lat = None
         if masks is not None:
             mask_lat = torch.cat([latent_mask(m, h, w) for m in masks]).to(device, dtype)  # (b, 1, h, w)
-        if self.bundle.config.unet.in_channels == 2 * c + 1:  # inpainting U-Net: + mask + masked image latent
+        if self.bundle.config.unet.in_channels - self.bundle.config.condition_widths()["concat"] == 2 * c + 1:
             if masks is None:  # nothing is known: generate everywhere, over a blank (0) image
                 mask_lat = torch.ones(len(rows), 1, h, w, device=device, dtype=dtype)
                 masked = [torch.zeros(1, 3, req.height, req.width)] * len(rows)
@@ -323,7 +337,16 @@ class Pipeline:
             uncond = None if uncond is None else replace(uncond, concat=concat)
 
         sc = req.sampler
-        if req.guided:
+        if self.bundle.conditions is not None:  # the further conditions' values (inference/conditions.py)
+            extra = condition_extra(self.bundle, req, per_prompt, (h, w), device)
+            cond = replace(cond, extra=extra)
+            uncond = None if uncond is None else replace(uncond, extra=extra)
+            set_control_windows(denoiser, req, sigmas)
+        if req.condition_scales:
+            names = list(req.condition_scales)
+            conds, scales = guided_branches(cond, uncond, names, [req.condition_scales[k] for k in names], sc.cfg_scale)
+            denoise = guide(denoiser, conds, scales, chain=True, rescale=sc.guidance_rescale)
+        elif req.guided:
             denoise = cfg(denoiser, cond, uncond, sc.cfg_scale, sc.guidance_rescale)
         else:
             denoise = lambda x, sigma: denoiser(x, sigma, cond)  # noqa: E731

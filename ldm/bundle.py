@@ -46,15 +46,25 @@ class Bundle(nn.Module):
         self.unet = get_component("unet").build(config.unet)
         self.vae = get_component("vae").build(config.vae)
         self.text = nn.ModuleList(get_component("text").build(t) for t in config.text)
+        self.conditions = get_component("conditions").build(config) if config.conditions else None
         self.load_reports: dict[str, LoadReport] = {}  # per part, filled by load_bundle
 
     def parts(self) -> dict[str, nn.Module]:
-        """{"unet": ..., "vae": ..., "text.0": ... [, "text.1": ...]} (the names of ModelConfig.parts)."""
-        return {"unet": self.unet, "vae": self.vae, **{f"text.{i}": t for i, t in enumerate(self.text)}}
+        """{"unet": ..., "vae": ..., "text.0": ... [, "text.1": ...] [, "conditions": ...]} (ModelConfig.parts)."""
+        parts = {"unet": self.unet, "vae": self.vae, **{f"text.{i}": t for i, t in enumerate(self.text)}}
+        return parts | ({"conditions": self.conditions} if self.conditions is not None else {})
+
+    def network(self) -> nn.Module:
+        """``net(x, t, cond)``: the U-Net, with the model's conditions applied when it has any (ldm/conditions/)."""
+        if self.conditions is None:
+            return self.unet
+        from .conditions import ConditionedUNet, member_widths
+
+        return ConditionedUNet(self.unet, self.conditions, member_widths(self.conditions, self.config))
 
     def denoiser(self, quantize: bool = False) -> Denoiser:
-        """The U-Net wrapped as ``D(x, sigma, cond) -> x0`` with this model's schedule and prediction type."""
-        return Denoiser.from_config(self.unet, self.config.diffusion, quantize)
+        """The network wrapped as ``D(x, sigma, cond) -> x0`` with this model's schedule and prediction type."""
+        return Denoiser.from_config(self.network(), self.config.diffusion, quantize)
 
     def encode_prompts(self, prompts: str | Sequence[str]) -> tuple[Tensor, Tensor | None]:
         """Prompts -> (context (B, T, sum of tower widths), pooled (B, P) or None), as the U-Net receives them:
@@ -171,6 +181,9 @@ def save_bundle(bundle: Bundle, path: str | os.PathLike, format: str = "ldm", pr
     Writes are atomic: a failure leaves no complete-looking output and keeps an older one intact."""
     if format not in FORMATS:
         raise ValueError(f"format: unknown {format!r}; one of: {', '.join(FORMATS)}")
+    if bundle.conditions is not None and format != "ldm":
+        raise ValueError(f"format: {format!r} has no place for this model's conditions "
+                         f"({', '.join(bundle.conditions.names())}); save it with format='ldm'")  # fmt: skip
     say = progress or (lambda msg: None)
     parts = {name: {k: v.detach().to("cpu") for k, v in m.state_dict().items()} for name, m in bundle.parts().items()}
     say(f"writing {path} ({FORMATS[format].DESCRIPTION})")

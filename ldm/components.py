@@ -31,7 +31,7 @@ StateDict = dict[str, Tensor]
 KeyMap = Callable[[StateDict, Any], StateDict]
 
 # which package registers a component (for the error message when it has not been imported)
-PROVIDERS = {"unet": "ldm", "vae": "autoencoder", "text": "text_encoder"}
+PROVIDERS = {"unet": "ldm", "vae": "autoencoder", "text": "text_encoder", "conditions": "ldm"}
 
 
 @dataclass(frozen=True)
@@ -226,4 +226,22 @@ register_component(ComponentSpec(
     to_original={"ldm": _identity},
     config_to_diffusers=unet_config_to_diffusers,
     config_from_diffusers=unet_config_from_diffusers,
+))  # fmt: skip
+
+
+def _no_foreign_layout(sd: StateDict, cfg: Any) -> StateDict:
+    raise ValueError("conditions (ldm/conditions/) are stored in the ldm format only; save with format='ldm'")
+
+
+def _build_conditions(model_cfg: Any) -> nn.Module:
+    from .conditions import ConditionStack  # the condition types import the networks above
+
+    return ConditionStack(model_cfg.conditions, model_cfg)
+
+
+register_component(ComponentSpec(
+    name="conditions",  # its config is the whole ModelConfig (a ControlNet copies the U-Net's shape)
+    build=_build_conditions,
+    from_diffusers=_no_foreign_layout,
+    to_diffusers=_no_foreign_layout,
 ))  # fmt: skip

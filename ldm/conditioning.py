@@ -5,7 +5,10 @@ Each field is one way a condition enters the network (see ARCHITECTURE.md, "Cond
 - ``context``: (B, T, D) tokens for cross-attention (text embeddings);
 - ``vector``:  (B, V) a vector projected and added to the time embedding (class labels, pooled text, SDXL sizes);
 - ``concat``:  (B, C, H, W) channels concatenated to the latent input (inpainting mask + masked image, depth);
-- ``control``: per-block residuals added to the U-Net's skip connections (ControlNet, adapters).
+- ``control``: per-block residuals added to the U-Net's skip connections (ControlNet, adapters);
+- ``extra``:   named tensors for the registered condition types (ldm/conditions/): each condition's prepared value
+               ``extra[name]`` (B, ...) and its keep flag ``extra[name + ".keep"]`` (B,) (1: present, 0: its "no
+               condition"), turned into the fields above by ``ldm.conditions.ConditionedUNet`` inside the network.
 
 Guidance batches the conditional and unconditional passes into one call with ``Cond.cat``.
 """
@@ -24,6 +27,7 @@ class Cond:
     vector: Tensor | None = None  # (B, V)
     concat: Tensor | None = None  # (B, C, H, W)
     control: tuple[Tensor, ...] | None = None  # residuals, each (B, C_i, H_i, W_i)
+    extra: dict[str, Tensor] | None = None  # registered conditions: name -> (B, ...), name.keep -> (B,)
 
     @staticmethod
     def cat(conds: Sequence["Cond"]) -> "Cond":
@@ -40,6 +44,10 @@ class Cond:
                 if len({len(v) for v in vals}) != 1:
                     raise ValueError("Cond.cat: control residual lists differ in length")
                 out[f.name] = tuple(torch.cat(parts) for parts in zip(*vals))
+            elif f.name == "extra":
+                if len({tuple(v) for v in vals}) != 1:
+                    raise ValueError("Cond.cat: the extra conditions differ in names")
+                out[f.name] = {k: torch.cat([v[k] for v in vals]) for k in vals[0]}
             else:
                 out[f.name] = torch.cat(vals)
         return Cond(**out)
@@ -49,7 +57,8 @@ class Cond:
         return replace(
             self,
             **{
-                f.name: (tuple(fn(t) for t in v) if f.name == "control" else fn(v))
+                f.name: (tuple(fn(t) for t in v) if f.name == "control" else
+                         {k: fn(t) for k, t in v.items()} if f.name == "extra" else fn(v))
                 for f in fields(self)
                 if (v := getattr(self, f.name)) is not None
             },

@@ -5,6 +5,7 @@
     unet        UNetConfig
     vae         AutoencoderConfig
     text        [TextEncoderConfig, ...]    1 tower (SD 1.x, 2.x) or 2 (SDXL: CLIP ViT-L, OpenCLIP bigG)
+    conditions  [ConditionSpec, ...]        further conditions (ldm/conditions/: class labels, controls, ...)
 
 How the parts fit (checked in ``__post_init__``):
 - the U-Net cross-attends to the towers' hidden states concatenated along features:
@@ -12,7 +13,9 @@ How the parts fit (checked in ``__post_init__``):
 - the pooled vector comes from the one tower with ``return_pooled``; SDXL's U-Net vector is that pooled
   vector plus 6 size/crop ids embedded with 256 sinusoidal features each (Podell et al. 2023, sec. 2.2):
   ``unet.adm_in_channels == pooled width + 6 * 256``;
-- the U-Net predicts in latent space: ``unet.out_channels == vae.latent_channels``.
+- the U-Net predicts in latent space: ``unet.out_channels == vae.latent_channels``;
+- each further condition widens the U-Net input it enters (``ldm.conditions.condition_widths``): context features
+  after the text's, vector features after the pooled text / SDXL sizes, input channels after the latent's.
 
 Per-tower overrides name the tower by index: ``text[0].heads=4``, ``text[1].layer=-3``.
 """
@@ -23,6 +26,7 @@ from typing import Any, Iterable
 
 from omegaconf import OmegaConf
 
+from .conditions.spec import ConditionSpec, check_specs
 from .config import check_choices, choice, load_config
 from .denoiser import DiffusionConfig
 from .text_config import TextEncoderConfig
@@ -50,9 +54,12 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     text: list[TextEncoderConfig] = field(default_factory=lambda: [TextEncoderConfig.sd1()])
+    conditions: list[ConditionSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_choices(self)
+        self.conditions = check_specs(list(self.conditions))
+        added = self.condition_widths()
         self.text = list(self.text)
         if not self.text or not all(isinstance(t, TextEncoderConfig) for t in self.text):
             raise ValueError("text: needs one or more text towers (TextEncoderConfig)")
@@ -60,10 +67,11 @@ class ModelConfig:
         if want is not None and len(self.text) != want:
             raise ValueError(f"text: family {self.family!r} has {want} text tower(s), got {len(self.text)}")
         widths = [t.width for t in self.text]
-        if self.unet.context_dim != sum(widths):
+        if self.unet.context_dim != sum(widths) + added["context"]:
+            cond = f" + {added['context']} (conditions)" if added["context"] else ""
             raise ValueError(
-                f"unet.context_dim: {self.unet.context_dim} != {' + '.join(map(str, widths))}, the summed widths of the "
-                f"text towers whose hidden states the U-Net cross-attends to"
+                f"unet.context_dim: {self.unet.context_dim} != {' + '.join(map(str, widths))}{cond}, the summed widths of "
+                f"the text towers (and context conditions) whose tokens the U-Net cross-attends to"
             )
         pooled = [i for i, t in enumerate(self.text) if t.return_pooled]
         if len(pooled) > 1:
@@ -71,23 +79,47 @@ class ModelConfig:
         if self.family == "sdxl":
             if not pooled:
                 raise ValueError("text: SDXL needs a tower with return_pooled=True (bigG) for the U-Net's vector")
-            want_adm = self.pooled_dim + SDXL_SIZE_IDS * SDXL_SIZE_EMBED_DIM
+            want_adm = self.pooled_dim + SDXL_SIZE_IDS * SDXL_SIZE_EMBED_DIM + added["vector"]
             if self.unet.adm_in_channels != want_adm:
                 raise ValueError(
                     f"unet.adm_in_channels: SDXL's vector is the pooled text ({self.pooled_dim}) plus {SDXL_SIZE_IDS} "
-                    f"size/crop embeddings of {SDXL_SIZE_EMBED_DIM} = {want_adm}, got {self.unet.adm_in_channels}"
+                    f"size/crop embeddings of {SDXL_SIZE_EMBED_DIM} (+ {added['vector']} of conditions) = {want_adm}, "
+                    f"got {self.unet.adm_in_channels}"
                 )
-        elif self.unet.adm_in_channels and not pooled and self.family != "custom":
-            raise ValueError("unet.adm_in_channels: a vector condition needs a text tower with return_pooled=True")
+        elif self.unet.adm_in_channels - added["vector"] and not pooled and self.family != "custom":
+            raise ValueError("unet.adm_in_channels: a vector condition needs a text tower with return_pooled=True "
+                             "or a condition entering the vector (conditions)")  # fmt: skip
+        elif added["vector"] and self.unet.adm_in_channels < added["vector"]:
+            raise ValueError(f"unet.adm_in_channels: {self.unet.adm_in_channels} < {added['vector']}, the vector "
+                             f"features the conditions add")  # fmt: skip
         if self.unet.out_channels != self.vae.latent_channels:
             raise ValueError(
                 f"unet.out_channels: {self.unet.out_channels} != vae.latent_channels ({self.vae.latent_channels}); "
                 f"the U-Net predicts in the autoencoder's latent space"
             )
-        if self.unet.in_channels < self.vae.latent_channels:
+        if self.unet.in_channels < self.vae.latent_channels + added["concat"]:
             raise ValueError(
                 f"unet.in_channels: {self.unet.in_channels} < vae.latent_channels ({self.vae.latent_channels})"
+                + (f" + {added['concat']} channels of conditions" if added["concat"] else "")
             )
+
+    def condition_widths(self) -> dict[str, int]:
+        """What the conditions add to the U-Net's inputs: {"context": D, "vector": V, "concat": C}."""
+        from .conditions import condition_widths  # the condition types import the networks
+
+        return condition_widths(self.conditions, self)
+
+    def with_conditions(self, specs: list[ConditionSpec]) -> "ModelConfig":
+        """This model with ``specs`` as its conditions and the U-Net's input widths derived from them: context_dim,
+        adm_in_channels and in_channels grow by what the new conditions add over the current ones."""
+        from .conditions import condition_widths
+
+        old, new = self.condition_widths(), condition_widths(check_specs(list(specs)), self)
+        u = self.unet
+        unet = replace(u, context_dim=u.context_dim + new["context"] - old["context"],
+                       adm_in_channels=u.adm_in_channels + new["vector"] - old["vector"],
+                       in_channels=u.in_channels + new["concat"] - old["concat"])  # fmt: skip
+        return replace(self, unet=unet, conditions=list(specs))
 
     def parts(self) -> list[tuple[str, str, Any]]:
         """(part name, registered component, its config) for every network: unet, vae, text.0 [, text.1].
@@ -95,7 +127,7 @@ class ModelConfig:
         Part names are the key prefixes of our checkpoint format (``unet.*``, ``vae.*``, ``text.0.*`` ...)."""
         return [("unet", "unet", self.unet), ("vae", "vae", self.vae)] + [
             (f"text.{i}", "text", t) for i, t in enumerate(self.text)
-        ]
+        ] + ([("conditions", "conditions", self)] if self.conditions else [])
 
     @property
     def pooled_dim(self) -> int:

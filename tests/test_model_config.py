@@ -112,7 +112,7 @@ def test_registry_names_the_package_to_import(monkeypatch):
         components.get_component("vae")
     with pytest.raises(KeyError, match="is not registered: import autoencoder"):
         Bundle(ModelConfig.tiny("sd1"))
-    with pytest.raises(KeyError, match="unknown component 'controlnet'; known: text, unet, vae"):
+    with pytest.raises(KeyError, match="unknown component 'controlnet'; known: conditions, text, unet, vae"):
         components.get_component("controlnet")
 
 

@@ -14,6 +14,8 @@ Sections and what they configure:
     ema            null, or EMA of the trained weights (ldm/ema.py)
     lora           null, or LoRAConfig (ldm/lora.py): train low-rank adapters of the U-Net only
     cond_dropout   per condition, the probability of dropping it for classifier-free guidance
+    conditions     further conditions (ldm/conditions/: class labels, ControlNet, ...), each reading a dataset column
+    train_unet     false: the base U-Net stays frozen (train a ControlNet, an adapter, a new condition beside it)
     cache          keep VAE latents / text embeddings of the dataset in memory instead of recomputing them
     validation     prompts sampled every N steps to a PNG grid (task=vae: dataset images and reconstructions)
     vae_loss       task=vae: VAELossConfig (autoencoder/loss.py): reconstruction, KL weight, discriminator
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from autoencoder.loss import VAELossConfig
+from ldm.conditions.spec import ConditionSpec, check_specs
 from ldm.config import ConfigError, check_choices, choice, load_config, parse_overrides
 from ldm.lora import LoRAConfig
 from ldm.loss import LossConfig
@@ -262,8 +265,11 @@ class TrainConfig:
     lora: Optional[LoRAConfig] = None
     train_text_encoder: bool = False  # train the text towers too (sensible for a tiny model trained from scratch)
     cond_dropout: CondDropoutConfig = field(default_factory=CondDropoutConfig)
+    conditions: list[ConditionSpec] = field(default_factory=list)  # added to the model's (ldm/conditions/)
+    train_unet: bool = True  # false: only the text towers / LoRA / conditions with train=true are trained
     cache: CacheConfig = field(default_factory=CacheConfig)
     max_consecutive_skips: int = 10  # stop after this many optimizer steps in a row with a non-finite loss
+    dist_timeout_s: int = 600  # several processes: a collective waiting longer fails the run (training/distributed.py)
     checkpoint_every: int = 500  # optimizer steps between checkpoints; 0: only at the end
     keep_last: int = 3  # checkpoints kept (older ones deleted once a newer one is complete); 0: keep all
     resume: str = "auto"  # auto: the latest checkpoint in output_dir if any | latest: it must exist | never | a folder
@@ -276,7 +282,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choices(self)
         for name, low in (("batch_size", 1), ("grad_accum", 1), ("max_steps", 1), ("seed", 0), ("log_every", 1),
-                          ("checkpoint_every", 0), ("keep_last", 0), ("max_consecutive_skips", 1)):  # fmt: skip
+                          ("checkpoint_every", 0), ("keep_last", 0), ("max_consecutive_skips", 1),
+                          ("dist_timeout_s", 1)):  # fmt: skip
             if not _is_int(getattr(self, name)) or getattr(self, name) < low:
                 raise ValueError(f"{name}: must be an integer >= {low}, got {getattr(self, name)!r}")
         if self.grad_clip is not None and (not _is_num(self.grad_clip) or self.grad_clip <= 0):
@@ -287,6 +294,7 @@ class TrainConfig:
             raise ValueError(f"resume: must be auto, latest, never or an existing checkpoint folder, got {self.resume!r}")
         if self.task == "vae":
             self._check_vae_task()
+        self._check_conditions()
         if self.lora is not None and self.train_text_encoder:
             raise ValueError("train_text_encoder: cannot be combined with lora (LoRA adapts the U-Net only); "
                              "set one of train_text_encoder=false or lora=null")  # fmt: skip
@@ -303,6 +311,28 @@ class TrainConfig:
         src = self.data.source
         if src != SHAPES_SOURCE and not any(c in src for c in "*?[") and not os.path.exists(src):
             raise ValueError(f"data.source: no such file or folder: {src!r} (or the builtin dataset '{SHAPES_SOURCE}')")
+
+    def _check_conditions(self) -> None:
+        from ldm.conditions import condition_type  # the condition types import the networks
+
+        self.conditions = check_specs(list(self.conditions))
+        for spec in self.conditions:
+            condition_type(spec).parse_args(spec)  # unknown types and bad args fail here, naming the entry
+            if spec.column in (self.data.image_column, self.data.caption_column):
+                raise ValueError(f"{spec.where}.column: {spec.column!r} is the image or caption column")
+        if not isinstance(self.train_unet, bool):
+            raise ValueError(f"train_unet: true or false, got {self.train_unet!r}")
+        if self.task == "vae" and self.conditions:
+            raise ValueError("conditions: have no meaning when training the autoencoder (task=vae); set conditions=[]")
+        trains_something = (self.train_unet or self.lora is not None or self.train_text_encoder
+                            or any(s.train for s in self.conditions))  # fmt: skip
+        if self.task == "unet" and not trains_something:
+            raise ValueError("train_unet: false, and no LoRA, text towers or condition with train=true: nothing would "
+                             "be trained")  # fmt: skip
+        if self.cache.latents and any(condition_type(s).value == "image" for s in self.conditions):
+            names = [s.name for s in self.conditions if condition_type(s).value == "image"]
+            raise ValueError(f"cache.latents: the image conditions ({', '.join(names)}) are cropped and flipped with "
+                             f"each image, which cached latents do not follow; set cache.latents=false")  # fmt: skip
 
     def _check_vae_task(self) -> None:
         clashes = [("lora", self.lora is not None, "null"), ("train_text_encoder", self.train_text_encoder, "false"),

@@ -47,6 +47,8 @@ class DataConfig:
     image_column: str = "image"
     caption_column: Optional[str] = "text"  # null: no captions (text is "")
     extra_columns: list[str] = field(default_factory=list)  # handed through to the batch for conditioners
+    image_columns: list[str] = field(default_factory=list)  # extra columns holding images aligned with the image:
+    # decoded, resized, cropped and flipped with it, (3, H, W) in [-1, 1] (the trainer fills it from conditions)
     resolution: Any = 512  # int (square) or [height, width]
     crop: str = choice("random", *CROPS)  # random or center crop when training; evaluation always centers
     random_flip: float = 0.0  # probability of a horizontal flip when training
@@ -125,6 +127,12 @@ class DataConfig:
                 raise ValueError(f"data.extra_columns: {c!r} is already the image or caption column")
         if len(set(self.extra_columns)) != len(self.extra_columns):
             raise ValueError(f"data.extra_columns: duplicate names in {self.extra_columns!r}")
+        if isinstance(self.image_columns, str) or not all(isinstance(c, str) for c in self.image_columns):
+            raise ValueError(f"data.image_columns: must be a list of column names, got {self.image_columns!r}")
+        self.image_columns = list(self.image_columns)
+        stray = [c for c in self.image_columns if c not in self.extra_columns]
+        if stray:
+            raise ValueError(f"data.image_columns: {stray[0]!r} is not one of data.extra_columns")
 
     def _checked_bucket_sizes(self) -> list[list[int]]:
         sizes = []

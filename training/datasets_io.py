@@ -42,6 +42,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import random
 from typing import Any
 
 import datasets
@@ -253,8 +254,9 @@ class ImageCaptionDataset(Dataset):
         self.caption_names = caption.names if isinstance(caption, datasets.ClassLabel) else None
         columns = [c for c in (cfg.image_column, cfg.caption_column, *cfg.extra_columns) if c is not None]
         hf_dataset = hf_dataset.select_columns(columns)
-        if isinstance(features.get(cfg.image_column), datasets.Image):  # decode here: EXIF, modes, bad files
-            hf_dataset = hf_dataset.cast_column(cfg.image_column, datasets.Image(decode=False))
+        for c in (cfg.image_column, *cfg.image_columns):
+            if isinstance(features.get(c), datasets.Image):  # decode here: EXIF, modes, bad files
+                hf_dataset = hf_dataset.cast_column(c, datasets.Image(decode=False))
         self.hf = hf_dataset
         self.bad: dict[str, str] = {}  # path -> reason, each logged once
         self.caption_issues: dict[str, set] = {case: set() for case in CAPTION_CASES}  # case -> row keys
@@ -326,17 +328,31 @@ class ImageCaptionDataset(Dataset):
             self._record_bad(e)
             return SkippedRow(e.path, e.reason)
         rng = keyed_rng(cfg.seed, self.epoch, key)
-        t = transform_image(
-            im, self.target_size(key, (im.height, im.width)),
-            random_crop=self.train and cfg.crop == "random",
-            flip_prob=cfg.random_flip if self.train else 0.0, rng=rng,
-        )
+        before = rng.getstate()  # aligned image columns replay the image's crop and flip draws
+        target = self.target_size(key, (im.height, im.width))
+        crop, flip = self.train and cfg.crop == "random", cfg.random_flip if self.train else 0.0
+        t = transform_image(im, target, random_crop=crop, flip_prob=flip, rng=rng)
         out = {
             "pixel_values": t.pixel_values, "text": self._caption(row, rng, key), "original_size": t.original_size,
             "crop_coords": t.crop_coords, "target_size": t.target_size, "flipped": t.flipped,
         }
         for c in cfg.extra_columns:
             out[c] = row[c]
+        for c in cfg.image_columns:  # a control map, a mask, a low-resolution image: the same pixels' positions
+            obj = row[c]
+            if obj is None:
+                raise ValueError(f"data.image_columns: row {key} has no image in column {c!r}")
+            try:
+                extra = load_image(obj, cfg.background_rgb, f"{self._name(obj, key)} [column {c!r}]")
+            except BadImage as e:
+                self._record_bad(e)
+                return SkippedRow(e.path, e.reason)
+            if extra.size != im.size:
+                raise ValueError(f"data.image_columns: column {c!r} of row {key} is {extra.width}x{extra.height}, its "
+                                 f"image is {im.width}x{im.height}; aligned images must have the image's size")  # fmt: skip
+            replay = random.Random()
+            replay.setstate(before)
+            out[c] = transform_image(extra, target, random_crop=crop, flip_prob=flip, rng=replay).pixel_values
         return out
 
     def _caption(self, row: dict[str, Any], rng: Any, key: Any = None) -> str:

@@ -11,6 +11,10 @@ stable hash (blake2b, not Python's salted ``hash``) falling below ``holdout_frac
   the splits.
 
 The hash depends only on the key, never on ``seed``, so any two seeds share one split.
+
+``control_maps`` names extra dataset columns rendered from each row's scene, exactly aligned with its image
+(control_maps.py): ``"mask"`` (the objects' coverage) and ``"edges"`` (their outlines). Empty by default, so a
+dataset keeps its columns unless asked; the maps draw no random numbers, so asking for them changes no image.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from ldm.shapes.vocab import (
 )
 
 SPLITS = ("train", "test")
+CONTROL_MAPS = ("mask", "edges")  # the map columns a dataset can carry, in column order
 HOLDOUTS = ("caption", "combination")
 
 
@@ -51,6 +56,7 @@ class ShapesConfig:
     split: str = "train"  # "train" or "test"
     holdout: str = "caption"  # "caption" or "combination" (see the module docstring)
     holdout_fraction: float = 0.1
+    control_maps: tuple[str, ...] = ()  # extra columns, any of CONTROL_MAPS ("mask", "edges"); see control_maps.py
 
     def __post_init__(self) -> None:
         if not _is_int(self.image_size) or self.image_size < 16:
@@ -92,6 +98,18 @@ class ShapesConfig:
         if not _is_number(self.holdout_fraction) or not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError(f"shapes.holdout_fraction must be a number in (0, 1), got {self.holdout_fraction!r}")
         self.holdout_fraction = float(self.holdout_fraction)
+        if isinstance(self.control_maps, str):  # a bare string would iterate as characters
+            self.control_maps = (self.control_maps,)
+        try:
+            maps = tuple(self.control_maps)
+        except TypeError:
+            maps = None
+        if maps is None or any(m not in CONTROL_MAPS for m in maps) or len(set(maps)) != len(maps):
+            raise ValueError(
+                f"shapes.control_maps must be a list of distinct values from {CONTROL_MAPS} (may be empty), "
+                f"got {self.control_maps!r}"
+            )
+        self.control_maps = tuple(m for m in CONTROL_MAPS if m in maps)  # column order does not depend on the list
 
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}

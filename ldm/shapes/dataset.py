@@ -6,7 +6,9 @@ first ten rows of ``shapes_dataset(1000, cfg)`` and of ``iter_shapes(cfg)``.
 
 Columns: ``image`` (PIL RGB), ``text`` (the caption), ``objects`` (JSON: the scene with placements, see
 ``Scene.to_json``; ``Scene.from_json`` reads it back), ``relation`` ("" for a single object), ``n_objects`` and
-``index`` (the row number).
+``index`` (the row number). With ``cfg.control_maps`` (config.py) also ``mask`` and / or ``edges``: PIL "L"
+images of the row's scene, pixel-aligned with ``image`` (control_maps.py). The maps draw no random numbers, so
+a row's scene and image do not depend on which maps are asked for.
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ import numpy as np
 
 from ldm.shapes.captions import caption
 from ldm.shapes.config import ShapesConfig
+from ldm.shapes.control_maps import render_control_map
 from ldm.shapes.render import render
 from ldm.shapes.scene import make_scene
 
 _SPLIT_CODE = {"train": 0, "test": 1}
 _PROMPT_STREAM = 2  # the generator stream of prompt_set, apart from both splits' rows
+_CONTROL_STREAM = 3  # the generator stream of placement.control_eval_set
 PROMPT_KINDS = {"single": 1, "relation": 2}
 
 
@@ -46,7 +50,7 @@ def shapes_row(index: int, cfg: ShapesConfig | None = None) -> dict:
     index = _check_count("index", index)
     rng = np.random.default_rng([cfg.seed, _SPLIT_CODE[cfg.split], index])
     scene = make_scene(rng, cfg)
-    return {
+    row = {
         "image": render(scene, cfg.image_size, cfg.background, cfg.supersample),
         "text": caption(scene),
         "objects": scene.to_json(),
@@ -54,6 +58,9 @@ def shapes_row(index: int, cfg: ShapesConfig | None = None) -> dict:
         "n_objects": len(scene.objects),
         "index": index,
     }
+    for name in cfg.control_maps:
+        row[name] = render_control_map(name, scene, cfg.image_size, cfg.supersample)
+    return row
 
 
 def iter_shapes(cfg: ShapesConfig | None = None, start: int = 0) -> Iterator[dict]:
@@ -64,7 +71,7 @@ def iter_shapes(cfg: ShapesConfig | None = None, start: int = 0) -> Iterator[dic
         yield shapes_row(index, cfg)
 
 
-def _features():
+def _features(cfg: ShapesConfig):
     import datasets  # imported here: ldm.shapes works without `datasets` for rendering and checking
 
     return datasets.Features(
@@ -75,6 +82,7 @@ def _features():
             "relation": datasets.Value("string"),
             "n_objects": datasets.Value("int32"),
             "index": datasets.Value("int64"),
+            **{name: datasets.Image() for name in cfg.control_maps},
         }
     )
 
@@ -86,8 +94,9 @@ def shapes_dataset(n: int, cfg: ShapesConfig | None = None):
     cfg = _check_cfg(cfg)
     n = _check_count("n", n)
     rows = list(islice(iter_shapes(cfg), n))
-    columns = {name: [row[name] for row in rows] for name in _features()}
-    return datasets.Dataset.from_dict(columns, features=_features())
+    features = _features(cfg)
+    columns = {name: [row[name] for row in rows] for name in features}
+    return datasets.Dataset.from_dict(columns, features=features)
 
 
 def shapes_iterable_dataset(cfg: ShapesConfig | None = None):
@@ -95,7 +104,7 @@ def shapes_iterable_dataset(cfg: ShapesConfig | None = None):
     import datasets
 
     cfg = _check_cfg(cfg)
-    return datasets.IterableDataset.from_generator(iter_shapes, gen_kwargs={"cfg": cfg}, features=_features())
+    return datasets.IterableDataset.from_generator(iter_shapes, gen_kwargs={"cfg": cfg}, features=_features(cfg))
 
 
 def prompt_set(kind: str = "single", n: int = 200, seed: int = 0, cfg: ShapesConfig | None = None) -> list[str]:
