@@ -47,7 +47,7 @@ from typing import Callable
 WEIGHTS = ("ema", "raw")
 FORMATS = ("ldm", "diffusers", "original")
 DTYPES = ("fp32", "fp16", "bf16")
-COMPONENTS = ("unet", "text", "vae")  # Bundle attributes whose parameters a checkpoint may hold
+COMPONENTS = ("unet", "text", "vae", "conditions")  # Bundle attributes whose parameters a checkpoint may hold
 IGNORED = ("disc",)  # trained alongside but part of no bundle (the VAE's GAN discriminator)
 # settings of a checkpoint's config that rebuilding its model does not need, and that may name paths gone since
 NO_RESUME, NO_DATA = "resume=never", "data.source=shapes"
@@ -311,7 +311,8 @@ def _load_trained(bundle, cfg, step: Path, weights: str, say: Progress) -> list[
         module.to(want)
     if cfg.lora is not None:
         inject_lora(bundle.unet, cfg.lora, dtype=torch.float32)
-    params = {f"{c}.{n}": p for c in COMPONENTS for n, p in getattr(bundle, c).named_parameters()}
+    params = {f"{c}.{n}": p for c in COMPONENTS if getattr(bundle, c, None) is not None
+              for n, p in getattr(bundle, c).named_parameters()}  # fmt: skip
     named: dict[str, nn.Parameter] = {}
     for key, value in tensors.items():
         if key.split(".", 1)[0] in IGNORED:

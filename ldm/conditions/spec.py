@@ -35,7 +35,7 @@ class ConditionSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.type, str) or not self.type:
             raise ValueError(f"conditions: every entry needs a 'type' (a registered condition type), got {self.type!r}")
-        self.name = self.name or self.type
+        self.name = self.name or self.type.rpartition(":")[2].lower()  # module:Class -> class
         self.column = self.column or self.name
         where = f"conditions[{self.name}]"
         for key in ("name", "column"):
