@@ -138,3 +138,32 @@ def set_control_windows(denoiser, req, sigmas: Tensor) -> None:
         ts = denoiser.sigma_to_input(sigmas[active].to(torch.float64).clamp_min(1e-12))
         windows[c.spec.name] = (float(ts.min()), float(ts.max()))
     net.set_windows(windows)
+
+
+def attach_controlnet(bundle: Bundle, path, name: str = "control", *, hint_channels: int = 3, weight: float = 1.0,
+                      start: float = 0.0, end: float = 1.0) -> None:  # fmt: skip
+    """Add a published ControlNet (a .safetensors file in the original cldm layout or diffusers' ControlNetModel
+    layout, ldm.controlnet_keys.read_controlnet) to ``bundle`` as the control condition ``name``; its encoder must
+    have the bundle's U-Net shape. Afterwards ``conditions={name: image}`` steers generation with it."""
+    from ldm.conditions import ConditionSpec, ConditionStack
+    from ldm.controlnet_keys import read_controlnet
+
+    cfg = bundle.config
+    if name in [s.name for s in cfg.conditions]:
+        raise ValueError(f"controlnet: the model already has a condition named {name!r}; choose another name")
+    spec = ConditionSpec(type="controlnet", name=name, weight=weight, start=start, end=end,
+                         args={"hint_channels": hint_channels})  # fmt: skip
+    grown = cfg.with_conditions(list(cfg.conditions) + [spec])
+    p = next(bundle.unet.parameters())
+    with torch.device("meta"):
+        stack = ConditionStack(grown.conditions, grown)
+    stack = stack.to_empty(device=p.device).to(p.dtype)
+    if bundle.conditions is not None:
+        stack.load_state_dict(bundle.conditions.state_dict(), strict=False)
+    net = stack[name].net
+    sd = read_controlnet(path, net.cfg)
+    try:
+        net.load_state_dict({k: v.to(p.dtype) for k, v in sd.items()}, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: not a ControlNet for this model's U-Net ({str(e).splitlines()[0]})") from None
+    bundle.conditions, bundle.config = stack, grown

@@ -365,3 +365,75 @@ def test_member_widths_cover_input_conditions_only():
     cfg = _model(specs)
     assert member_widths(ConditionStack(specs, cfg), cfg) == {"class_label": 3}
     assert isinstance(Bundle(cfg).network(), ConditionedUNet)
+
+
+# ------------------------------------------------------------------------------- published ControlNets
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_a_published_controlnet_file_attaches_as_a_control(tmp_path, layout):
+    """A ControlNet saved in diffusers' or cldm's layout, attached to a model, steers it as the network itself does."""
+    from ldm.checkpoint import write_safetensors
+    from ldm.controlnet import ControlNet
+    from ldm.controlnet_keys import ours_to_diffusers, ours_to_original
+    from inference.conditions import attach_controlnet
+
+    cfg = ModelConfig.tiny("sd1")
+    b = Bundle(cfg)
+    _randomize(b.unet)
+    cn = ControlNet.from_unet(b.unet, hint_block_channels=(16, 32, 96))  # the tiny VAE's factor 4: 3 widths
+    _randomize(cn, seed=5)
+    sd = ours_to_diffusers(cn.state_dict(), cn.cfg) if layout == "diffusers" else ours_to_original(cn.state_dict())
+    write_safetensors({k: v.contiguous() for k, v in sd.items()}, tmp_path / "cn.safetensors")
+    attach_controlnet(b, tmp_path / "cn.safetensors", name="canny", weight=0.5)
+    assert b.config.conditions[0].name == "canny" and b.config.unet == cfg.unet
+    x, t, ctx, img = _inputs(cfg)
+    extra = b.conditions.prepare({"canny": img}, Env((H, W)), B)
+    ref = b.unet(x, t, Cond(context=ctx, control=cn(x, (img + 1) / 2, t, Cond(context=ctx), scale=0.5)))
+    torch.testing.assert_close(b.network()(x, t, Cond(context=ctx, extra=extra)), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="already has a condition named 'canny'"):
+        attach_controlnet(b, tmp_path / "cn.safetensors", name="canny")
+
+
+def test_conditions_are_dropped_independently_at_their_own_rates():
+    from training.condition_setup import condition_extra
+
+    specs = [ConditionSpec(type="class_label", drop=0.3, args={"num_classes": 2}),
+             ConditionSpec(type="scalars", drop=0.6, column="s")]  # fmt: skip
+    stack = ConditionStack(specs, _model(specs))
+    n = 4000
+    batch = {"class_label": torch.zeros(n, dtype=torch.long), "s": torch.zeros(n)}
+    extra = condition_extra(stack, batch, seed=0, epoch=0, indices=list(range(n)), latent_hw=(H, W), device="cpu", vae=None)
+    a, b = extra["class_label.keep"] == 0, extra["scalars.keep"] == 0
+    # binomial standard errors at n = 4000: ~0.007 (p = 0.3), ~0.008 (p = 0.6); 4 sigma bounds
+    assert abs(a.float().mean() - 0.3) < 0.03 and abs(b.float().mean() - 0.6) < 0.035
+    assert abs((a & b).float().mean() - 0.18) < 0.03  # independent: P(both) = 0.3 * 0.6
+
+
+def test_command_line_condition_flags(tmp_path, capsys):
+    """ldm txt2img --cond / --cond-scale on a saved class-conditioned model; bad values are one-line errors."""
+    from ldm.cli import main
+
+    cfg = _model([ConditionSpec(type="class_label", args={"num_classes": 4})])
+    b = Bundle(cfg)
+    _randomize(b.unet)
+    save_bundle(b, tmp_path / "m")
+    base = ["txt2img", "a red circle", "--model", str(tmp_path / "m"), "--steps", "2", "--width", "32", "--height", "32",
+            "--seed", "3", "--quiet", "--out"]  # fmt: skip
+    assert main(base + [str(tmp_path / "o1"), "--cond", "class_label=1", "--cond-scale", "class_label=2"]) == 0
+    assert main(base + [str(tmp_path / "o2"), "--cond", "class_label=2", "--cond-scale", "class_label=2"]) == 0
+    (a,), (c,) = list((tmp_path / "o1").glob("*.png")), list((tmp_path / "o2").glob("*.png"))
+    assert a.read_bytes() != c.read_bytes()  # the label steers the image
+    capsys.readouterr()
+    for flags, message in ((["--cond", "class_label=9"], "conditions[class_label]: class label 9 is outside [0, 4)"),
+                           (["--cond", "colour=1"], "conditions: unknown condition 'colour'; this model has: class_label"),
+                           (["--cond", "class_label"], "--cond 'class_label': expected NAME=VALUE"),
+                           (["--cond-range", "class_label=0:0.5", "--cond", "class_label=1"],
+                            "condition_ranges[class_label]: only controls have a step range")):  # fmt: skip
+        try:
+            code = main(base + [str(tmp_path / "bad")] + flags)
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1, (flags, err)
+    assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("*.png"))
