@@ -97,14 +97,16 @@ class PromptEncoder:
         return self._cache[prompt]
 
     def conds(self, prompts: Sequence[str], negatives: Sequence[str], *, height: int, width: int,
-              guided: bool = True) -> tuple[Cond, Cond | None]:  # fmt: skip
-        """Rows of (prompt, negative) -> (cond, uncond or None when not guided), each with B = len(prompts) rows."""
+              guided: bool = True, original_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0),
+              target_size: tuple[int, int] | None = None) -> tuple[Cond, Cond | None]:  # fmt: skip
+        """Rows of (prompt, negative) -> (cond, uncond or None when not guided), each with B = len(prompts) rows.
+        SDXL's size ids (h, w) / (top, left): ``original_size`` and ``target_size`` default to (height, width)."""
         if len(prompts) != len(negatives) or not prompts:
             raise ValueError(f"conds: {len(prompts)} prompts and {len(negatives)} negatives; need as many, >= 1")
         pos = [self.text(p) for p in prompts]
         neg = [self._negative(n, p) for n, p in zip(negatives, pos)] if guided else []
         tokens = max(t.context.shape[1] for t in pos + neg)  # pad every row to the longest
-        size = (height, width)
+        size = (original_size or (height, width), tuple(crop), target_size or (height, width))
         cond = self._cond(pos, tokens, size)
         return cond, (self._cond(neg, tokens, size) if guided else None)
 
@@ -125,12 +127,12 @@ class PromptEncoder:
         reps = missing // empty.shape[1]
         return torch.cat([t.context, empty.expand(reps, -1, -1).reshape(1, reps * empty.shape[1], -1)], dim=1)
 
-    def _cond(self, rows: list[_Text], tokens: int, size: tuple[int, int]) -> Cond:
+    def _cond(self, rows: list[_Text], tokens: int, size: tuple) -> Cond:
         context = torch.cat([self._pad(t, tokens) for t in rows])  # (B, tokens, D)
         if self.vector == "none":
             return Cond(context=context)
         pooled = torch.cat([t.pooled for t in rows])  # (B, P)
         if self.vector == "pooled":
             return Cond(context=context, vector=pooled)
-        emb = size_embedding(len(rows), size, (0, 0), size, device=pooled.device).to(pooled.dtype)
+        emb = size_embedding(len(rows), *size, device=pooled.device).to(pooled.dtype)  # original, crop, target
         return Cond(context=context, vector=torch.cat([pooled, emb], dim=-1))  # (B, P + 1536)

@@ -102,6 +102,7 @@ class Request:
     condition_scales: dict | None = None  # name -> its own guidance scale
     condition_weights: dict | None = None  # name -> strength (controls)
     condition_ranges: dict | None = None  # name -> (start, end) step fractions (controls)
+    sdxl_sizes: dict | None = None  # SDXL: original_size, crop, target_size ((h, w) / (top, left)) when given
 
     @property
     def guided(self) -> bool:
@@ -168,7 +169,7 @@ class Pipeline:
                 strength: float = 0.8, mask=None, inpaint: str = "auto", clip_skip: int | None = None,
                 eta: float | None = None, tile: int | None = None, progress: bool = False, callback=None,
                 latents=None, conditions=None, condition_scales=None, condition_weights=None,
-                condition_ranges=None) -> Request:  # fmt: skip
+                condition_ranges=None, original_size=None, crop_coords=None, target_size=None) -> Request:  # fmt: skip
         """The checked, resolved form of a call's arguments."""
         cfg = self.bundle.config
         prompts = _strings("prompt", prompt)
@@ -250,6 +251,7 @@ class Pipeline:
             inpaint_mode = inpaint if inpaint != "auto" else ("unet" if in_ch == 2 * latent_ch + 1 else "blend")
         sc = SamplerConfig(name=sampler, steps=steps, sigma_spacing=schedule, eta=eta, cfg_scale=float(cfg_scale),
                            guidance_rescale=float(guidance_rescale))  # fmt: skip
+        sdxl_sizes = _sdxl_sizes(cfg.family, original_size, crop_coords, target_size)
         conds = check_condition_args(self.bundle, len(prompts), (width, height), conditions, condition_scales,
                                      condition_weights, condition_ranges)  # fmt: skip
         return Request(
@@ -257,6 +259,7 @@ class Pipeline:
             seeds=seeds, width=width, height=height, mode=mode, inpaint=inpaint_mode, sampler=sc,
             strength=float(strength), batch_size=batch_size or total, init_images=init_t, masks=mask_t, n=n,
             clip_skip=clip_skip, tile=tile, progress=progress, callback=callback, latents=latents, **conds,
+            sdxl_sizes=sdxl_sizes,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ running
@@ -306,7 +309,8 @@ class Pipeline:
         h, w, c = req.height // f, req.width // f, self.bundle.config.vae.latent_channels
         gens = generators([req.seeds[k] for k in rows])
         cond, uncond = encoder.conds([req.prompts[k] for k in rows], [req.negatives[k] for k in rows],
-                                     height=req.height, width=req.width, guided=req.guided)  # fmt: skip
+                                     height=req.height, width=req.width, guided=req.guided,
+                                     **(req.sdxl_sizes or {}))  # fmt: skip
         per_prompt = [k // req.n for k in rows]
         images = None if req.init_images is None else [req.init_images[p] for p in per_prompt]
         masks = None if req.masks is None else [req.masks[p] for p in per_prompt]
@@ -386,6 +390,24 @@ class Pipeline:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _sdxl_sizes(family: str, original_size, crop_coords, target_size) -> dict | None:
+    """SDXL's size conditioning (Podell et al. 2023, sec. 2.2; diffusers' ``original_size``,
+    ``crops_coords_top_left``, ``target_size``), each (h, w) or (top, left) integers; None: the defaults."""
+    given = {"original_size": original_size, "crop": crop_coords, "target_size": target_size}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    names = {"original_size": "original_size", "crop": "crop_coords", "target_size": "target_size"}
+    if family != "sdxl":
+        raise ValueError(f"{names[next(iter(given))]}: size conditioning is SDXL's; this model's family is {family!r}")
+    for k, v in given.items():
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(a, int) and not isinstance(a, bool)
+                                                                    and a >= 0 for a in v)):  # fmt: skip
+            raise ValueError(f"{names[k]}: two integers >= 0 ((h, w) or (top, left)), got {v!r}")
+        given[k] = tuple(v)
+    return given
 
 
 def _quantize(sc: SamplerConfig) -> bool:

@@ -232,3 +232,17 @@ def test_sdxl_empty_negative_is_zeros_as_diffusers(sdxl):
     assert_images_match(result, reference(ref, "euler", SEEDS, prompt=PROMPTS, negative_prompt=None))
     encoded_empty = reference(ref, "euler", SEEDS, prompt=PROMPTS, negative_prompt=[""] * 2)  # what zeros replace
     assert (result.pixels - encoded_empty).abs().max().item() > 100 * TOL
+
+
+@torch.no_grad()
+def test_sdxl_size_conditioning_matches_diffusers(sdxl):
+    """original_size / crops_coords_top_left / target_size: the ids of SDXL's micro-conditioning (sec. 2.2)."""
+    pipe, ref = sdxl
+    sizes = dict(original_size=(512, 384), crop_coords=(16, 8), target_size=(256, 320))
+    result = ours(pipe, "euler", PROMPTS, SEEDS, negative=NEGATIVE, **sizes)
+    expected = reference(ref, "euler", SEEDS, prompt=PROMPTS, negative_prompt=[NEGATIVE] * 2, original_size=(512, 384),
+                         crops_coords_top_left=(16, 8), target_size=(256, 320))  # fmt: skip
+    assert_images_match(result, expected)
+    assert_sensitive(result, ours(pipe, "euler", PROMPTS, SEEDS, negative=NEGATIVE))
+    with pytest.raises(ValueError, match=r"crop_coords: two integers >= 0"):
+        pipe.check(PROMPTS, crop_coords=(1.5, 0))
