@@ -437,3 +437,17 @@ def test_command_line_condition_flags(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and message in err and len(err.splitlines()) == 1, (flags, err)
     assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("*.png"))
+
+
+def test_a_controlnet_takes_any_number_of_hint_channels():
+    cfg = _model([ConditionSpec(type="controlnet", name="depth_normal", args={"hint_channels": 4})])
+    b = Bundle(cfg)
+    _randomize(b)
+    x, t, ctx, _ = _inputs(cfg)
+    f = cfg.vae.downsample_factor
+    hint = torch.rand(B, 4, H * f, W * f) * 2 - 1
+    extra = b.conditions.prepare({"depth_normal": hint}, Env((H, W)), B)
+    ref = b.unet(x, t, Cond(context=ctx, control=b.conditions["depth_normal"].net(x, (hint + 1) / 2, t, Cond(context=ctx))))
+    torch.testing.assert_close(b.network()(x, t, Cond(context=ctx, extra=extra)), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"conditions\[depth_normal\]: expected a \(B, 4, H, W\) tensor"):
+        b.conditions.prepare({"depth_normal": torch.zeros(B, 3, H * f, W * f)}, Env((H, W)), B)

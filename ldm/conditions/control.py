@@ -29,13 +29,13 @@ CLDM_HINT_WIDTHS = (16, 32, 96, 256)
 
 @dataclass
 class ControlNetArgs:
-    hint_channels: int = 3  # 1: grey (the mean of R, G, B), 3: RGB
+    hint_channels: int = 3  # 1: grey (the mean of R, G, B), 3: RGB, any other: tensors of that many channels
     hint_block_channels: Optional[list[int]] = None  # null: cldm's widths cut to the VAE's factor
     global_pool: bool = False
 
     def __post_init__(self) -> None:
-        if self.hint_channels not in (1, 3):
-            raise ValueError(f"hint_channels: 1 or 3, got {self.hint_channels!r}")
+        if isinstance(self.hint_channels, bool) or not isinstance(self.hint_channels, int) or self.hint_channels < 1:
+            raise ValueError(f"hint_channels: an integer >= 1, got {self.hint_channels!r}")
 
 
 @dataclass
@@ -44,15 +44,24 @@ class AdapterArgs:
     num_res_blocks: int = 2
 
     def __post_init__(self) -> None:
-        if self.hint_channels not in (1, 3):
-            raise ValueError(f"hint_channels: 1 or 3, got {self.hint_channels!r}")
+        if isinstance(self.hint_channels, bool) or not isinstance(self.hint_channels, int) or self.hint_channels < 1:
+            raise ValueError(f"hint_channels: an integer >= 1, got {self.hint_channels!r}")
         if isinstance(self.num_res_blocks, bool) or not isinstance(self.num_res_blocks, int) or self.num_res_blocks < 1:
             raise ValueError(f"num_res_blocks: an integer >= 1, got {self.num_res_blocks!r}")
 
 
 def hint_tensor(value, where: str, channels: int, env: Env, factor: int) -> Tensor:
-    """Images (B, 3, H, W) in [-1, 1] -> hints (B, channels, H, W) in [0, 1]; H, W must be the image size."""
-    image = check_image(value, where)
+    """Images (B, 3, H, W) in [-1, 1] -> hints (B, channels, H, W) in [0, 1]; H, W must be the image size. A hint
+    of another channel count (a depth + normal stack, say) is given as a (B, channels, H, W) tensor in [-1, 1]."""
+    if channels not in (1, 3) and isinstance(value, Tensor) and value.ndim == 4 and value.shape[1] == channels:
+        value = value.to(torch.float32)
+        image = value
+    else:
+        if channels not in (1, 3):
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{where}: expected a (B, {channels}, H, W) tensor in [-1, 1] (args.hint_channels), "
+                             f"got {got}")  # fmt: skip
+        image = check_image(value, where)
     h, w = env.latent_hw
     if tuple(image.shape[-2:]) != (h * factor, w * factor):
         raise ValueError(f"{where}: the control image is {image.shape[-1]}x{image.shape[-2]}, the generated image is "
