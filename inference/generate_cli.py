@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from .convert import DTYPES, FAMILIES, PREDICTIONS
@@ -30,6 +31,9 @@ from .metadata import GenerationParams, read_png_params
 MODES = ("txt2img", "img2img", "inpaint")
 SCHEDULES = ("discrete", "karras", "exponential")
 INPAINT_MODES = ("auto", "blend", "unet")
+# copies of ldm/speed.py's choices (``ldm --help`` imports no torch); tests/test_speed_switches.py checks they match
+COMPILE_MODES = ("none", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math", "fastest")
 TILE = 64  # --tile without a value: tiles of 64 latent pixels (512 image pixels)
 
 # Defaults of the options that a PNG's metadata can also supply (argparse keeps None, meaning "not given",
@@ -97,6 +101,11 @@ def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--eta", type=float, help="noise scale of ddim / ancestral / SDE samplers"
                    + from_png % "the sampler's")  # fmt: skip
     p.add_argument("--n", type=int, default=1, help="images per prompt (default: %(default)s)")
+    p.add_argument("--teleport", type=float, default=0.0, metavar="F", help="skip this fraction of the steps with the "
+                   "closed-form Gaussian solution (analytical teleportation, docs/analysis.md); needs "
+                   "--teleport-stats (default: 0, off)")  # fmt: skip
+    p.add_argument("--teleport-stats", metavar="FILE", help="the data's Gaussian statistics, gaussian.safetensors "
+                   "as `ldm analyze` writes it")  # fmt: skip
     p.add_argument("--batch", type=int, default=1, metavar="B", help="images per network call (memory vs speed; "
                    "the images are the same up to float rounding: kernels depend on the batch size, so only "
                    "--batch 1 images are reproduced bit for bit by --from-png; default: %(default)s)")  # fmt: skip
@@ -112,8 +121,7 @@ def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--tile", type=int, nargs="?", const=TILE, metavar="LATENT_PX",
                    help=f"decode with the VAE in tiles of LATENT_PX latent pixels (bounded memory; {TILE} if "
                    "given without a value; default: no tiling)")  # fmt: skip
-    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net: slow start, faster steps "
-                   "(default: off)")  # fmt: skip
+    add_speed_arguments(p)
     p.add_argument("--family", default=None, help=f"override the detected family: {', '.join(FAMILIES)} "
                    "(default: detected)")  # fmt: skip
     p.add_argument("--prediction", default=None, help=f"override the prediction type: {', '.join(PREDICTIONS)} "
@@ -124,6 +132,12 @@ def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
                    help="a value for one of the model's further conditions (docs/conditions.md): an image file for "
                         "image conditions (control maps, concat images), an int for class_label, numbers (1,2,3) "
                         "for scalars; repeatable")  # fmt: skip
+    for flag, what in (("--original-size", "H,W: SDXL's original-size id"), ("--crop-coords", "TOP,LEFT: SDXL's crop id"),
+                       ("--target-size", "H,W: SDXL's target-size id")):  # fmt: skip
+        p.add_argument(flag, metavar=what.split(":")[0], help=f"{what} (size conditioning; default: the image size, crop 0,0)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="NAME=FILE",
+                   help="add a published ControlNet (.safetensors, original or diffusers layout) as control NAME; "
+                        "give its map with --cond NAME=IMAGE; repeatable")  # fmt: skip
     p.add_argument("--cond-scale", action="append", default=[], metavar="NAME=S",
                    help="a guidance scale of its own for condition NAME (InstructPix2Pix-style; --cfg stays the text's)")
     p.add_argument("--cond-weight", action="append", default=[], metavar="NAME=W",
@@ -131,6 +145,42 @@ def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
     p.add_argument("--cond-range", action="append", default=[], metavar="NAME=START:END",
                    help="the fractions of the steps where control NAME acts, e.g. 0:0.5 (default: the model's)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar (default: a bar on stderr)")
+
+
+def add_speed_arguments(p: argparse.ArgumentParser) -> None:
+    """The U-Net's speed switches (ldm/speed.py SpeedConfig); every default is the library's, the fastest correct."""
+    g = p.add_argument_group("speed (ldm/speed.py; defaults: the fastest correct ones for the device)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the U-Net (mode: default): ~50 s more for "
+                   "the first image, ~40%% less time per step after it (default: off)")  # fmt: skip
+    g.add_argument("--compile-mode", default=None, metavar="MODE",
+                   help=f"torch.compile mode, implies --compile: {', '.join(COMPILE_MODES)}")
+    g.add_argument("--attention-kernel", default="fastest", metavar="KERNEL",
+                   help=f"SDPA kernel: {', '.join(ATTENTION_KERNELS)} (default: %(default)s = cuDNN first on CUDA)")
+    for flag, what in (("channels-last", "NHWC convolutions (auto: on when compiled)"),
+                       ("fused-qkv", "one matmul for q, k, v (auto: on with CUDA)"),
+                       ("cuda-graphs", "replay the U-Net call from a CUDA graph (auto: on with CUDA)")):  # fmt: skip
+        g.add_argument(f"--{flag}", default="auto", metavar="auto|on|off", help=f"{what} (default: %(default)s)")
+
+
+def speed_config(args: argparse.Namespace):
+    """SpeedConfig from the speed flags; ValueError naming the flag."""
+    from ldm.speed import SpeedConfig  # noqa: PLC0415
+
+    mode = args.compile_mode if args.compile_mode is not None else ("default" if args.compile else "none")
+    _check_choice("--compile-mode", mode, COMPILE_MODES)
+    _check_choice("--attention-kernel", args.attention_kernel, ATTENTION_KERNELS)
+    tri = {"auto": None, "on": True, "off": False}
+    flags = {}
+    for flag in ("channels-last", "fused-qkv", "cuda-graphs"):
+        value = getattr(args, flag.replace("-", "_"))
+        _check_choice(f"--{flag}", value, tuple(tri))
+        flags[flag.replace("-", "_")] = tri[value]
+    try:
+        return SpeedConfig(attention_kernel=args.attention_kernel, compile=mode, **flags)
+    except ValueError as e:  # "speed.cuda_graphs: ..." -> "--cuda-graphs: ..."
+        key, _, rest = str(e).partition(": ")
+        flag = {"compile": "compile-mode"}.get(key.removeprefix("speed."), key.removeprefix("speed.")).replace("_", "-")
+        raise ValueError(f"--{flag}: {rest}") from None
 
 
 def _size_default(mode: str) -> str:
@@ -162,7 +212,7 @@ class Settings:
     grid_scale: int
     device: str | None
     dtype: str
-    compile: bool
+    speed: Any  # ldm.speed.SpeedConfig
     family: str | None
     prediction: str | None
     overrides: list[str]
@@ -207,6 +257,8 @@ def resolve(args: argparse.Namespace) -> Settings:
                     width=value["width"], height=value["height"], clip_skip=value["clip_skip"], eta=value["eta"],
                     tile=args.tile)  # fmt: skip
     sampling.update(_condition_flags(args))
+    if args.teleport:  # analytical teleportation (ldm/samplers/teleport.py); checked by the pipeline
+        sampling.update(teleport=args.teleport, teleport_stats=args.teleport_stats)
     if mode != "txt2img":
         sampling.update(images, strength=value["strength"])
     if mode == "inpaint":
@@ -216,7 +268,7 @@ def resolve(args: argparse.Namespace) -> Settings:
               file=sys.stderr)  # fmt: skip
     return Settings(
         mode=mode, model=model, prompts=prompts, seed=value["seed"], n=args.n, batch=args.batch, out=out,
-        grid=args.grid, grid_scale=args.grid_scale, device=device, dtype=args.dtype, compile=args.compile, family=args.family,
+        grid=args.grid, grid_scale=args.grid_scale, device=device, dtype=args.dtype, speed=speed_config(args), family=args.family,
         prediction=args.prediction, overrides=list(args.overrides), quiet=args.quiet, sampling=sampling,
         png_hash=png.model_hash if png is not None else "",
     )  # fmt: skip
@@ -263,6 +315,13 @@ def _condition_flags(args: argparse.Namespace) -> dict:
         values[name] = _cond_value(name, v)
     if values:
         out["conditions"] = values
+    for flag, key in (("--original-size", "original_size"), ("--crop-coords", "crop_coords"), ("--target-size", "target_size")):
+        v = getattr(args, key, None)
+        if v is not None:
+            parts = v.split(",")
+            if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+                raise ValueError(f"{flag} {v}: expected two integers, e.g. 1024,1024")
+            out[key] = tuple(int(p) for p in parts)
     scales = {k: _number("--cond-scale", k, v) for k, v in _pairs("--cond-scale", getattr(args, "cond_scale", [])).items()}
     weights = {k: _number("--cond-weight", k, v) for k, v in _pairs("--cond-weight", getattr(args, "cond_weight", [])).items()}
     ranges = {}
@@ -271,7 +330,13 @@ def _condition_flags(args: argparse.Namespace) -> dict:
         if not sep:
             raise ValueError(f"--cond-range {k}={v}: expected START:END, e.g. 0:0.5")
         ranges[k] = (_number("--cond-range", k, a), _number("--cond-range", k, b))
-    for key, d in (("condition_scales", scales), ("condition_weights", weights), ("condition_ranges", ranges)):
+    nets = {}
+    for k, v in _pairs("--controlnet", getattr(args, "controlnet", [])).items():
+        if Path(v).suffix != ".safetensors" or not Path(v).is_file():
+            raise ValueError(f"--controlnet {k}={v}: needs an existing .safetensors file (pickles are not loaded)")
+        nets[k] = Path(v)
+    for key, d in (("condition_scales", scales), ("condition_weights", weights), ("condition_ranges", ranges),
+                   ("controlnets", nets)):  # fmt: skip
         if d:
             out[key] = d
     return out
@@ -445,12 +510,10 @@ def _sample(req: Settings, chunks: list[list], start: int, state) -> None:
 
     device = req.device or str(state.device)
     pipe = load_pipeline(req.model, device=device, dtype=req.dtype, family=req.family, prediction=req.prediction,
-                         config_overrides=req.overrides)  # fmt: skip
+                         config_overrides=req.overrides, speed=req.speed)  # fmt: skip
     if req.png_hash and pipe.model_hash and req.png_hash != pipe.model_hash:
         print(f"ldm {req.mode}: note: the --from-png image was made by a model with hash {req.png_hash}, "
               f"this one has {pipe.model_hash}", file=sys.stderr)  # fmt: skip
-    if req.compile:
-        pipe.bundle.unet.compile()  # in place: the module and its parameters stay the ones the pipeline holds
     kwargs = _pipeline_kwargs(req, pipe)
     pipe.check(prompt=[j.prompt for j in chunks[0]], seed=chunks[0][0].seed, n=1, **kwargs)  # ValueError: exit 2
     steps = kwargs["steps"] if req.mode == "txt2img" else int(kwargs["steps"] * kwargs["strength"])
@@ -471,6 +534,11 @@ def _sample(req: Settings, chunks: list[list], start: int, state) -> None:
 
 def _pipeline_kwargs(req: Settings, pipe) -> dict:
     kwargs = dict(req.sampling)
+    if "controlnets" in kwargs:  # published ControlNets join the model as control conditions
+        from .conditions import attach_controlnet  # noqa: PLC0415
+
+        for name, path in kwargs.pop("controlnets").items():
+            attach_controlnet(pipe.bundle, path, name=name)
     if kwargs["width"] is None or kwargs["height"] is None:
         w, h = pipe.default_size
         kwargs["width"] = kwargs["width"] or w

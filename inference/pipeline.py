@@ -52,6 +52,7 @@ from ldm.guidance import cfg, guide
 from ldm.img2img import blend_known, inpaint_denoiser, noised, strength_sigmas
 from ldm.samplers import SAMPLERS, Step, get_sampler, per_sample_noise, randn_per_sample
 from ldm.samplers.config import DEFAULT_CONVENTION, TAKES_ETA, SamplerConfig, make_sigmas, sampler_options
+from ldm.samplers.config import configured_sampler  # teleport (ldm/samplers/teleport.py)
 from ldm.schedule import SIGMA_SPACINGS
 from ldm.speed import SpeedConfig, apply_speed
 
@@ -169,7 +170,8 @@ class Pipeline:
                 strength: float = 0.8, mask=None, inpaint: str = "auto", clip_skip: int | None = None,
                 eta: float | None = None, tile: int | None = None, progress: bool = False, callback=None,
                 latents=None, conditions=None, condition_scales=None, condition_weights=None,
-                condition_ranges=None, original_size=None, crop_coords=None, target_size=None) -> Request:  # fmt: skip
+                condition_ranges=None, original_size=None, crop_coords=None, target_size=None,
+                teleport: float = 0.0, teleport_stats=None) -> Request:  # fmt: skip
         """The checked, resolved form of a call's arguments."""
         cfg = self.bundle.config
         prompts = _strings("prompt", prompt)
@@ -252,6 +254,7 @@ class Pipeline:
         sc = SamplerConfig(name=sampler, steps=steps, sigma_spacing=schedule, eta=eta, cfg_scale=float(cfg_scale),
                            guidance_rescale=float(guidance_rescale))  # fmt: skip
         sdxl_sizes = _sdxl_sizes(cfg.family, original_size, crop_coords, target_size)
+        sc = _teleport_config(sc, teleport, teleport_stats)  # analytical teleportation, 0 = off
         conds = check_condition_args(self.bundle, len(prompts), (width, height), conditions, condition_scales,
                                      condition_weights, condition_ranges)  # fmt: skip
         return Request(
@@ -357,7 +360,7 @@ class Pipeline:
         blend = req.mode == "inpaint" and req.inpaint == "blend"
         if blend:
             denoise = inpaint_denoiser(denoise, z0, mask_lat, noise)
-        sample = get_sampler(sc.name)
+        sample = configured_sampler(sc, _load_teleport_stats(sc))  # get_sampler(sc.name), with teleport if set
         x = sample(denoise, x, sigmas, noise=per_sample_noise(gens, x), callback=callback, **sampler_options(sc))
         return blend_known(x, z0, mask_lat) if blend else x
 
@@ -408,6 +411,23 @@ def _sdxl_sizes(family: str, original_size, crop_coords, target_size) -> dict | 
             raise ValueError(f"{names[k]}: two integers >= 0 ((h, w) or (top, left)), got {v!r}")
         given[k] = tuple(v)
     return given
+
+
+def _teleport_config(sc: SamplerConfig, teleport, stats) -> SamplerConfig:
+    """``teleport``: the fraction of the steps replaced by the closed-form Gaussian solution (ldm/samplers/teleport.py);
+    ``teleport_stats``: the Gaussian statistics file ``ldm analyze`` writes (gaussian.safetensors)."""
+    if isinstance(teleport, bool) or not isinstance(teleport, (int, float)) or not 0 <= teleport <= 1:
+        raise ValueError(f"teleport: a fraction of the steps in [0, 1], got {teleport!r}")
+    if teleport > 0 and (stats is None or not Path(stats).is_file()):
+        raise ValueError(f"teleport_stats: teleport > 0 needs the Gaussian statistics file (ldm analyze writes "
+                         f"gaussian.safetensors), got {stats!r}")  # fmt: skip
+    return sc if teleport == 0 else replace(sc, teleport=float(teleport), teleport_stats=str(stats))
+
+
+def _load_teleport_stats(sc: SamplerConfig):
+    from ldm.analysis import load_gaussian  # noqa: PLC0415
+
+    return load_gaussian(sc.teleport_stats) if sc.teleport > 0 else None
 
 
 def _quantize(sc: SamplerConfig) -> bool:

@@ -7,6 +7,7 @@ load as they are; diffusers' ``Transformer2DModel`` uses the same names below th
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -29,6 +30,7 @@ class CrossAttention(nn.Module):
     ):
         super().__init__()
         inner = heads * dim_head
+        self.is_cross = context_dim is not None  # attends to a context rather than to x itself
         context_dim = context_dim or query_dim
         self.heads = heads
         self.backend = backend
@@ -37,14 +39,60 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        self.fused = False  # fuse_projections(True): one matmul for q, k, v (or k, v), ldm/speed.py
+        self.register_buffer("fused_weight", None, persistent=False)  # not in the state dict
+        self._fused_key = None
+
+    def fuse_projections(self, on: bool = True) -> None:
+        """Inference speed: run [to_q; to_k; to_v] (self-attention) or [to_k; to_v] (cross-attention) as one matmul
+        on weights concatenated once and cached in the non-persistent buffer ``fused_weight`` (the state dict keeps
+        to_q / to_k / to_v). The cache follows in-place weight changes (load_state_dict, merge_lora) by the weights'
+        version counters; with gradients on, or if a projection is not a plain nn.Linear (LoRA), the separate
+        projections run."""
+        self.fused = on
+        self.fused_weight, self._fused_key = None, None
+
+    def _fusable(self, context: Tensor | None) -> bool:
+        mods = (self.to_q, self.to_k, self.to_v)
+        if (context is not None) != self.is_cross or any(type(m) is not nn.Linear for m in mods):  # e.g. LoRA
+            return False
+        return not (torch.is_grad_enabled() and any(m.weight.requires_grad for m in mods))
+
+    def fused_projection(self) -> Tensor:
+        """(3 * inner, C) [to_q; to_k; to_v] for self-attention, (2 * inner, D) [to_k; to_v] for cross-attention;
+        rebuilt when a weight changed in place or moved (version counter, storage, dtype)."""
+        mods = (self.to_k, self.to_v) if self.is_cross else (self.to_q, self.to_k, self.to_v)
+        if torch.compiler.is_compiling() and self.fused_weight is not None:
+            return self.fused_weight  # built eagerly before compiling (ldm/speed.py): the graph reads the buffer
+        key = tuple((m.weight._version, m.weight.data_ptr(), m.weight.dtype) for m in mods)
+        if self.fused_weight is None or key != self._fused_key:
+            self.fused_weight = torch.cat([m.weight.detach() for m in mods])
+            self._fused_key = key
+        return self.fused_weight
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         # x: (B, L, C); context: (B, T, D) or None for self-attention
+        if self.fused and self._fusable(context):
+            return self._forward_fused(x, context)
         context = x if context is None else context
         B, L, _ = x.shape
         q = self.to_q(x).view(B, L, self.heads, -1).transpose(1, 2)  # (B, nh, L, hs)
         k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, nh, T, hs)
         v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, nh, T, hs)
+        out = attention(q, k, v, self.backend, self.kernel)  # (B, nh, L, hs)
+        out = out.transpose(1, 2).reshape(B, L, -1)  # (B, L, nh * hs)
+        return self.to_out(out)  # (B, L, C)
+
+    def _forward_fused(self, x: Tensor, context: Tensor | None) -> Tensor:
+        B, L, _ = x.shape
+        if context is None:  # self-attention: one (B, L, 3 * inner) matmul
+            qkv = F.linear(x, self.fused_projection()).view(B, L, 3, self.heads, -1)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, L, hs), strided views
+        else:  # cross-attention: q from x, one (B, T, 2 * inner) matmul for k, v
+            T = context.shape[1]
+            q = self.to_q(x).view(B, L, self.heads, -1).transpose(1, 2)  # (B, nh, L, hs)
+            kv = F.linear(context, self.fused_projection()).view(B, T, 2, self.heads, -1)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         out = attention(q, k, v, self.backend, self.kernel)  # (B, nh, L, hs)
         out = out.transpose(1, 2).reshape(B, L, -1)  # (B, L, nh * hs)
         return self.to_out(out)  # (B, L, C)
@@ -132,6 +180,7 @@ class SpatialTransformer(nn.Module):
             BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout, backend, kernel) for _ in range(depth)
         )
         self.proj_out = zero_module(nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1))
+        self.channels_last = False  # set by ldm/speed.py with channels-last weights: keep NHWC, no copy
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         # x: (B, C, H, W); context: (B, T, D)
@@ -147,6 +196,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             h = self.proj_out(h)  # (B, HW, C)
         h = h.reshape(B, H, W, -1).permute(0, 3, 1, 2)  # (B, C or inner, H, W), a strided view
-        if not self.use_linear:
-            h = self.proj_out(h.contiguous())  # (B, C, H, W); contiguous as the original, so the conv stays NCHW
+        if not self.use_linear:  # (B, C, H, W); contiguous as the original, so the conv stays NCHW (or NHWC)
+            h = self.proj_out(h.contiguous(memory_format=torch.channels_last if self.channels_last else
+                                           torch.contiguous_format))  # fmt: skip
         return x + h  # x first: the sum takes x's (NCHW) layout

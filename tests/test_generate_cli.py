@@ -243,7 +243,10 @@ def test_prompts_n_seeds_names_and_metadata(fake, tmp_path, capsys):
     pipe = fake.instances[0]
     assert [len(c["prompt"]) for c in pipe.calls] == [4, 2]  # --batch 4
     assert [c["seed"] for c in pipe.calls] == [7, 11] and all(c["n"] == 1 for c in pipe.calls)
-    assert pipe.load_kwargs == dict(device="cpu", dtype="fp32", family=None, prediction=None, config_overrides=[])
+    from ldm.speed import SpeedConfig
+
+    assert pipe.load_kwargs == dict(device="cpu", dtype="fp32", family=None, prediction=None, config_overrides=[],
+                                    speed=SpeedConfig())  # fmt: skip
     assert Path(pipe.path) == Path(MODEL_FILE)
 
 
@@ -319,10 +322,10 @@ def test_grid_compile_tile_and_progress(fake, tmp_path, capsys):
         cell = grid[r * 8 : (r + 1) * 8, c * 16 : (c + 1) * 16]
         assert np.array_equal(cell, np.asarray(fake_image("pq"[r], k, 16, 8)))
     pipe = fake.instances[0]
-    assert pipe.bundle.unet.compiled
+    assert pipe.load_kwargs["speed"].compile == "default"  # --compile alone: torch.compile's default mode
     assert pipe.calls[0]["tile"] == generate_cli.TILE
     assert run("txt2img", "--model", MODEL_FILE, "p", "--tile", "32", "--steps", "2", "--out", "t") == 0
-    assert fake.instances[-1].calls[0]["tile"] == 32 and not fake.instances[-1].bundle.unet.compiled
+    assert fake.instances[-1].calls[0]["tile"] == 32 and fake.instances[-1].load_kwargs["speed"].compile == "none"
     err = capsys.readouterr().err
     assert "2/2" in err and "step" in err  # the tqdm bar
 

@@ -17,6 +17,7 @@ Sections and what they configure:
     conditions     further conditions (ldm/conditions/: class labels, ControlNet, ...), each reading a dataset column
     train_unet     false: the base U-Net stays frozen (train a ControlNet, an adapter, a new condition beside it)
     cache          keep VAE latents / text embeddings of the dataset in memory instead of recomputing them
+    speed          the U-Net's speed switches (ldm/speed.py SpeedConfig): attention kernel, channels-last, compile
     validation     prompts sampled every N steps to a PNG grid (task=vae: dataset images and reconstructions)
     vae_loss       task=vae: VAELossConfig (autoencoder/loss.py): reconstruction, KL weight, discriminator
 
@@ -43,6 +44,7 @@ from ldm.config import ConfigError, check_choices, choice, load_config, parse_ov
 from ldm.lora import LoRAConfig
 from ldm.loss import LossConfig
 from ldm.samplers.config import SamplerConfig
+from ldm.speed import SpeedConfig
 
 from .data_config import DataConfig
 
@@ -268,6 +270,7 @@ class TrainConfig:
     conditions: list[ConditionSpec] = field(default_factory=list)  # added to the model's (ldm/conditions/)
     train_unet: bool = True  # false: only the text towers / LoRA / conditions with train=true are trained
     cache: CacheConfig = field(default_factory=CacheConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)  # ldm/speed.py: attention kernel, channels-last, compile
     max_consecutive_skips: int = 10  # stop after this many optimizer steps in a row with a non-finite loss
     dist_timeout_s: int = 600  # several processes: a collective waiting longer fails the run (training/distributed.py)
     checkpoint_every: int = 500  # optimizer steps between checkpoints; 0: only at the end
@@ -298,6 +301,10 @@ class TrainConfig:
         if self.lora is not None and self.train_text_encoder:
             raise ValueError("train_text_encoder: cannot be combined with lora (LoRA adapts the U-Net only); "
                              "set one of train_text_encoder=false or lora=null")  # fmt: skip
+        if self.speed.cuda_graphs or self.speed.fused_qkv:
+            key = "cuda_graphs" if self.speed.cuda_graphs else "fused_qkv"
+            raise ValueError(f"speed.{key}: inference only (no gradients through it); leave speed.{key} null for "
+                             f"training")  # fmt: skip
         if self.cache.text and self.train_text_encoder:
             raise ValueError("cache.text: text embeddings cannot be cached while the text encoder is trained "
                              "(train_text_encoder=true); set cache.text=false")  # fmt: skip

@@ -17,6 +17,7 @@ from ldm.checkpoint import write_safetensors
 from ldm.lora import lora_state_dict, merge_lora
 
 from . import checkpointing as ckpt
+from .distributed import full_view
 from .vae_task import fit_scale_factor, reconstruct_grid
 from .validation import sample_validation, save_grid
 
@@ -32,7 +33,9 @@ def lora_metadata(lora_cfg) -> dict[str, str]:
 
 def validate(cfg, bundle, trainable, ema, step, out, metrics, main, device, recon_images=None) -> None:
     """task=unet: the validation prompts sampled to a grid; task=vae: ``recon_images`` over their reconstructions
-    (posterior mean), and the reconstruction PSNR. With the EMA weights when EMA is on (validation.use_ema)."""
+    (posterior mean), and the reconstruction PSNR. With the EMA weights when EMA is on (validation.use_ema).
+    Every process calls it; under FSDP they all gather the weights first, then the main process alone samples."""
+    bundle, trainable, ema = full_view(bundle, trainable, ema, main, device)  # collective under FSDP
     if not main or (cfg.task == "vae" and recon_images is None):
         return
     use_ema = ema is not None and cfg.validation.use_ema

@@ -14,6 +14,7 @@ from ldm.checkpoint import CheckpointError, read_state_dict
 from ldm.config import to_yaml
 
 from . import checkpointing as ckpt
+from . import distributed as dist
 from .conditions import keyed_seed
 from .config import TrainConfig
 
@@ -23,19 +24,29 @@ logger = logging.getLogger("ldm.train")
 
 
 def save_state(cfg, state, trainable, param_names, optimizer, ema, ckroot, accelerator) -> Path:
+    """Every process calls it. Under FSDP (sharded DTensor parameters) every process first takes part in gathering
+    the weights, the optimizer states and the EMA; rank 0 then writes the files of a one-process checkpoint."""
     main = accelerator.is_main_process
+    if any(dist.is_dtensor(p) for p in trainable.parameters()):
+        model_state = dist.gather_full(trainable.named_tensors(), main)
+        optimizer_state = dist.full_optimizer_state(optimizer, main)
+        ema_state = dist.gather_full(ema.state_dict(), main) if ema is not None else None
+    else:
+        model_state = {k: p.detach() for k, p in trainable.named_tensors().items()} if main else None
+        optimizer_state = optimizer.state_dict() if main else None
+        ema_state = ema.state_dict() if (ema is not None and main) else None
     return ckpt.save_checkpoint(
-        ckroot, state,
-        model_state={k: p.detach() for k, p in trainable.named_tensors().items()} if main else None,
-        optimizer_state=optimizer.state_dict() if main else None, param_names=param_names,
-        ema_state=ema.state_dict() if (ema is not None and main) else None, generator=None,
+        ckroot, state, model_state=model_state, optimizer_state=optimizer_state, param_names=param_names,
+        ema_state=ema_state, generator=None,
         config_yaml=to_yaml(cfg), rank=accelerator.process_index, world_size=accelerator.num_processes,
         barrier=accelerator.wait_for_everyone, keep_last=cfg.keep_last,
     )  # fmt: skip
 
 
 def resume(path: Path, cfg, trainable, param_names, optimizer, ema, rank: int, world: int) -> ckpt.TrainState:
-    """Load a checkpoint folder into the live objects; returns its TrainState (the data position included)."""
+    """Load a checkpoint folder into the live objects; returns its TrainState (the data position included).
+    Whatever wrote it (1 process, DDP, FSDP), the files hold whole tensors; under FSDP every process reads them and
+    keeps its own shard of each (training/distributed.py)."""
     state = ckpt.read_train_state(path)
     changed = _changed_settings(path / "config.yaml", cfg)
     if changed:
@@ -55,9 +66,15 @@ def resume(path: Path, cfg, trainable, param_names, optimizer, ema, rank: int, w
     ema_state = None
     if ema is not None and (path / "ema.json").is_file():
         ema_state = ckpt.read_state(path / "ema")
+    sharded = any(dist.is_dtensor(p) for p in trainable.parameters())
+    if sharded:
+        optimizer_state = dist.shard_optimizer_state(optimizer_state, optimizer)
+        if ema_state is not None:
+            shadows = {f"shadow.{n}": s for n, s in ema.shadow.items()}
+            ema_state = {k: dist.shard_like(v, shadows[k]) if k in shadows else v for k, v in ema_state.items()}
     with torch.no_grad():
         for name, p in trainable.named_tensors().items():
-            p.copy_(weights[name])
+            p.copy_(dist.shard_like(weights[name], p))
     optimizer.load_state_dict(optimizer_state)
     for group in optimizer.param_groups:  # hyper-parameters come from this run's config
         group.update(betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)

@@ -24,9 +24,9 @@ N processes with batch b take the same steps as 1 process with batch b and grad_
 those draws (training/draws.py) with CPU generators: the same numbers on any device, and no per-sample work in the
 step (per-sample CUDA generators in the step cost a small model most of its step time).
 
-Distribution: DDP (``configs/accelerate/ddp.yaml``) is supported and tested with 2 CPU processes. FSDP and
-DeepSpeed are refused with an explicit error for now: checkpoints and the final bundle would need their sharded
-weights and optimizer states gathered (see the note in configs/accelerate/fsdp.yaml).
+Distribution (training/distributed.py): DDP (``configs/accelerate/ddp.yaml``) and FSDP (``fsdp.yaml``: the U-Net,
+its AdamW states and EMA sharded; gathered for checkpoints, validation and the final bundle) are tested with 2 CPU
+processes; DeepSpeed is refused with an explicit error. A failing process stops the others (``dist_timeout_s``).
 """
 from __future__ import annotations
 
@@ -54,13 +54,16 @@ from ldm.config import save_config, to_yaml
 from ldm.ema import EMA
 from ldm.lora import inject_lora
 from ldm.loss import DiffusionLoss
+from ldm.speed import apply_speed
 
 from . import checkpointing as ckpt
+from .condition_setup import add_to_loaded, check_condition_columns, condition_extra, scratch_config, with_condition_columns
 from .conditions import TextTowers, TokenCache, batch_sizes, drop_flags, keyed_seed, make_cond
 from .draws import KeyedDraws, noise_draw
 from .config import OptimConfig, TrainConfig, load_train_config
 from .metrics import MetricsLog
-from .train_data import ROW_INDEX, BatchStream, cache_latents, train_rows
+from .train_data import ROW_INDEX, BatchStream, cache_latents, open_train_dataset, train_rows
+from . import distributed as dist
 from .finish import fit_vae_scale, save_final, validate
 from .resume import resume, save_state
 from .vae_task import VAETrainStep, fixed_images
@@ -93,9 +96,12 @@ def build_bundle(cfg: TrainConfig) -> Bundle:
     ``model.vae`` the VAE (weights and config) of another model replaces the bundle's."""
     if cfg.model.from_scratch:
         torch.manual_seed(cfg.seed)
-        bundle = Bundle(cfg.model.model_config()).eval()
+        bundle = Bundle(scratch_config(cfg.model.model_config(), cfg.conditions)).eval()
+        if bundle.conditions is not None:
+            bundle.conditions.init_from_unet(bundle.unet)  # a ControlNet starts as a copy of the U-Net's encoder
     else:
         bundle = load_bundle(cfg.model.source, config_overrides=cfg.model.overrides, progress=logger.info)
+        add_to_loaded(bundle, cfg.conditions, keyed_seed(cfg.seed, "conditions"))
     if cfg.model.vae is not None:
         donor = load_bundle(cfg.model.vae, progress=logger.info)
         if donor.config.vae.latent_channels != bundle.config.unet.out_channels:
@@ -127,12 +133,18 @@ def _unet_side(cfg: TrainConfig, bundle: Bundle, device, weight_dtype) -> dict[s
                     dtype=torch.float32)  # fmt: skip
         bundle.unet.to(device)
     else:
-        bundle.unet.to(device, torch.float32).requires_grad_(True)
+        bundle.unet.to(device, torch.float32).requires_grad_(cfg.train_unet)
+    if bundle.conditions is not None:  # fp32; trained where its spec says train=true
+        bundle.conditions.to(device, torch.float32).requires_grad_(False).train()
+        for c in bundle.conditions:
+            c.requires_grad_(c.spec.train)
     bundle.text.to(device, torch.float32 if cfg.train_text_encoder else weight_dtype)
     bundle.text.requires_grad_(cfg.train_text_encoder)
     bundle.unet.train()
     bundle.text.train(cfg.train_text_encoder)
     named = {f"unet.{n}": p for n, p in bundle.unet.named_parameters() if p.requires_grad}
+    if bundle.conditions is not None:
+        named |= {f"conditions.{n}": p for n, p in bundle.conditions.named_parameters() if p.requires_grad}
     return named | {f"text.{n}": p for n, p in bundle.text.named_parameters() if p.requires_grad}
 
 
@@ -146,15 +158,9 @@ def _check_sizes(cfg: TrainConfig, bundle: Bundle) -> None:
             raise ValueError(f"{key}: {h}x{w} is not a multiple of the autoencoder's downsampling factor {f}")
 
 
-def _check_distribution(accelerator) -> None:
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ValueError(
-            f"accelerate: distributed type {accelerator.distributed_type.value} is not supported by this trainer yet "
-            f"(checkpoints, EMA and the final bundle need the sharded weights and optimizer states gathered); "
-            f"use configs/accelerate/ddp.yaml"
-        )
+def _check_distribution(accelerator, cfg: TrainConfig | None = None) -> None:
+    """DDP and FSDP run; DeepSpeed, and under FSDP what it does not shard, are refused (training/distributed.py)."""
+    dist.check_distribution(accelerator, cfg)
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -169,9 +175,15 @@ def train(cfg: TrainConfig) -> dict:
     # trained text towers may leave blocks unused (SD 2.x reads the penultimate block), and the discriminator waits
     # for vae_loss.disc_start: let DDP allow that
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train_text_encoder or cfg.task == "vae")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              kwargs_handlers=[ddp, dist.process_group_kwargs(cfg.dist_timeout_s)])  # fmt: skip
     try:
         return _train(cfg, accelerator)
+    except BaseException as e:  # several processes: report and leave now, so torchrun stops the others (no hang)
+        if accelerator.num_processes > 1 and not isinstance(e, (SystemExit, KeyboardInterrupt)):
+            code = 2 if isinstance(e, (ValueError, CheckpointError)) else 1
+            dist.fail_fast(e, accelerator.process_index, code, cfg.dist_timeout_s)
+        raise
     finally:
         if accelerator.num_processes == 1:  # Accelerate's state is a process-wide singleton: let another train()
             AcceleratorState._reset_state()  # in this process (tests, notebooks) choose its own mixed precision
@@ -180,7 +192,7 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, accelerator) -> dict:
     from tqdm.auto import tqdm
 
-    _check_distribution(accelerator)
+    _check_distribution(accelerator, cfg)
     device, rank, world, main = accelerator.device, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
         raise ValueError("mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
@@ -192,7 +204,10 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
 
     if cfg.resume == "latest" and ckpt.find_latest(ckroot) is None:  # before any data or model is loaded
         raise ValueError(f"resume: 'latest' but {ckroot} holds no complete checkpoint (resume=auto starts afresh then)")
-    rows = train_rows(cfg)  # the data first: a wrong path or column fails before any model is loaded
+    cfg = with_condition_columns(cfg)  # the conditions' columns into the batch
+    hf_rows = open_train_dataset(cfg)  # the data first: a wrong path or column fails before any model is loaded
+    check_condition_columns(cfg, hf_rows)
+    rows = train_rows(cfg, hf_rows)
 
     # ---- model: what is frozen, what is trained
     bundle = build_bundle(cfg)
@@ -210,6 +225,11 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         bundle.vae.to(device, weight_dtype)
         named = _unet_side(cfg, bundle, device, weight_dtype)
     towers = TextTowers(bundle.text)
+    if vae_step is None:
+        apply_speed(bundle.unet, cfg.speed, training=True)  # ldm/speed.py: attention kernel, channels-last, compile
+    sharded = dist.is_sharded(accelerator)
+    if sharded:  # FSDP: the U-Net's parameters become shards (DTensors) before the optimizer and EMA see them
+        named = dist.shard_bundle_unet(bundle, accelerator, weight_dtype)
     trainable = Trainable(named)
     params = list(trainable.parameters())
     param_names = list(trainable.named_tensors())
@@ -217,15 +237,19 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     if vae_step is not None:
         to_prepare = [vae_step]
     else:
-        to_prepare = [bundle.unet] + ([towers] if cfg.train_text_encoder else [])
-    *wrapped, optimizer = accelerator.prepare(*to_prepare, optimizer)
+        to_prepare = [bundle.network()] + ([towers] if cfg.train_text_encoder else [])  # U-Net (+ conditions)
+    if sharded:  # already prepared by shard_unet; accelerate's FSDP2 prepare is not used (training/distributed.py)
+        wrapped = [bundle.unet]
+    else:
+        *wrapped, optimizer = accelerator.prepare(*to_prepare, optimizer)
     unet_w, text_w = wrapped[0], (wrapped[-1] if cfg.train_text_encoder else towers)
     loss_fn = DiffusionLoss(unet_w, bundle.config.diffusion, cfg.loss) if vae_step is None else None
     ema = EMA(trainable, cfg.ema.decay, cfg.ema.warmup, cfg.ema.update_after_step) if cfg.ema else None
     if main:
         n_train = sum(p.numel() for p in params)
-        what = ("VAE + discriminator" if vae_step is not None else "LoRA" if cfg.lora else
-                "U-Net" + (" + text" if cfg.train_text_encoder else ""))  # fmt: skip
+        parts = (["U-Net"] if cfg.train_unet else []) + (["text"] if cfg.train_text_encoder else [])
+        parts += [f"condition {c.spec.name}" for c in (bundle.conditions or []) if c.spec.train]
+        what = "VAE + discriminator" if vae_step is not None else "LoRA" if cfg.lora else " + ".join(parts)
         logger.info("training %s parameters (%s) on %d process(es), %s", f"{n_train:,}", what, world, device)
     # task=vae: the images with the evaluation transform, for the reconstruction grid and the latent scale fit
     eval_rows = train_rows(cfg, rows.rows.hf, eval_transform=True) if vae_step is not None else None
@@ -282,6 +306,10 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
             context, pooled = encode_frozen(texts)
         drop_sizes = drop_flags(cfg.cond_dropout.sizes, cfg.seed, epoch, idx, "sizes") if sdxl else None
         cond = make_cond(context, pooled, batch_sizes(batch) if sdxl else None, sdxl=sdxl, drop_sizes=drop_sizes)
+        if bundle.conditions is not None:  # values of the further conditions, each dropped independently
+            cond = dataclasses.replace(cond, extra=condition_extra(
+                bundle.conditions, batch, seed=cfg.seed, epoch=epoch, indices=idx, latent_hw=z0.shape[-2:],
+                device=device, vae=bundle.vae))  # fmt: skip
         return loss_fn.compute(z0.float(), cond, noise_draw(batch, device)).loss, {}
 
     @torch.no_grad()
@@ -303,6 +331,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     window_images, window_start = 0.0, time.perf_counter()
     last_good: tuple[int, dict] | None = None
     while state.step < cfg.max_steps:
+        dist.test_fail_hook(state.step + 1, rank)
         lr = cfg.optim.lr * cfg.lr_schedule.factor(state.step, cfg.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -323,7 +352,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
             with ExitStack() as no_sync:
                 if micro < cfg.grad_accum - 1:
                     for m in wrapped:
-                        no_sync.enter_context(accelerator.no_sync(m))
+                        no_sync.enter_context(dist.no_sync(accelerator, m))
                 loss, logs = micro_step(epoch, batch)
                 accelerator.backward(loss * (weight / cfg.grad_accum))
             if weight:
@@ -335,7 +364,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         loss_nonfinite, mean_loss, step_images = bool(totals[0] > 0), float(totals[1]) / world, float(totals[2])
         nonfinite, grad_norm = loss_nonfinite, float("nan")
         if not nonfinite:
-            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.grad_clip or float("inf")))
+            grad_norm = float(dist.clip_grad_norm(accelerator, params, cfg.grad_clip or float("inf"), sharded))
             nonfinite = not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16"  # fp16: the scaler decides
         if nonfinite:
             optimizer.zero_grad(set_to_none=True)
@@ -384,7 +413,8 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         window_start += time.perf_counter() - paused  # throughput counts training only
     progress.close()
 
-    # ---- the deliverables
+    # ---- the deliverables (FSDP: the whole weights gathered by every process, the copy built on rank 0)
+    bundle, trainable, ema = dist.full_view(bundle, trainable, ema, main, device)
     if main:
         if vae_step is not None and cfg.vae_fit_scale:
             fit_vae_scale(cfg, bundle, trainable, ema, eval_rows, device)

@@ -1,0 +1,653 @@
+"""Performance, ours vs diffusers, every figure of the performance issue in one process, same random weights.
+
+    python bench/perf.py --out $OUT/perf.json                       # every case (about 6 minutes on an H200)
+    python bench/perf.py --only unet_b2,e2e --out $OUT/perf.json    # a subset
+    python bench/perf.py --tiny --quick                             # CPU smoke run of every code path, tiny models
+
+Cases (``--only``):
+
+    unet_b2          SD1.5 U-Net, batch 2 (one CFG step), 64x64 latent, eager; ours per speed switch
+    unet_b2_compile  the same under torch.compile (default mode) for both; ours also with CUDA graphs, channels-last
+    unet_b16         SD1.5 U-Net, batch 16, eager (MFU)
+    sdxl_b2          SDXL U-Net, batch 2, 128x128
+    vae              VAE decode to 512x512, batch 1
+    e2e              txt2img 512x512, 25 steps DPM-Solver++ 2M, CFG 7.5, batch 1: text encoder + U-Net + VAE, against
+                     StableDiffusionPipeline on the same weights (saved once as a diffusers folder, loaded by both)
+    train256 / train512   one training step: forward, backward, fused AdamW, bf16 autocast, fp32 weights,
+                     latents and text embeddings precomputed; batch 64 at 256 px / batch 32 at 512 px; peak memory
+    train256_compile the 256 px step with our U-Net compiled (default mode)
+
+Method: bf16 networks (training: fp32 weights under bf16 autocast), CUDA-event timing, median of --reps after
+--warmup calls (end to end and training: wall clock around a synchronized call); FLOPs counted once on the
+diffusers network with torch.utils.flop_counter; MFU against --peak (790 TFLOP/s: the bf16 matmul rate measured on
+the H200). Every optimised path of ours (a SpeedConfig, ldm/speed.py) is compared with our eager fp32 output on the
+same inputs: err = max |out - ref| / max |ref|, pass if err < --tol (3e-2, bf16 rounding through ~20 layers), and,
+end to end (25 chaotic sampler steps), if it is no worse than 1.5x plain eager bf16's own error. TF32 is off, so
+fp32 references are fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldm.conditioning import Cond  # noqa: E402
+from ldm.speed import CUDAGraphForward, SpeedConfig, apply_speed, remove_speed  # noqa: E402
+from ldm.unet import UNet, UNetConfig  # noqa: E402
+from ldm.unet_keys import diffusers_to_ours  # noqa: E402
+
+CASES = ("unet_b2", "unet_b2_compile", "unet_b16", "unet_b16_compile", "sdxl_b2", "vae", "e2e", "train256", "train512",
+         "train256_compile")
+OFF = dict(attention_kernel="auto", fused_qkv=False, channels_last=False, cuda_graphs=False)  # the eager baseline
+
+
+@dataclass
+class Plan:
+    """Sizes of a run: the issue's (default) or tiny ones for a CPU smoke run (--tiny)."""
+
+    device: str
+    dtype: torch.dtype
+    tiny: bool
+    warmup: int
+    reps: int
+    train_reps: int
+    peak: float
+    tol: float
+
+    def unet_cfg(self, name: str) -> UNetConfig:
+        cfg = UNetConfig.sdxl_base() if name == "sdxl" else UNetConfig.sd15()
+        if not self.tiny:
+            return cfg
+        return cfg.tiny(adm_in_channels=16 + 6 * 256) if cfg.adm_in_channels else cfg.tiny()
+
+    def hw(self, hw: int) -> int:
+        return 16 if self.tiny else hw
+
+    def batch(self, b: int) -> int:
+        return min(b, 4) if self.tiny else b
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, plan: Plan, warmup: int | None = None, reps: int | None = None, events: bool = True) -> float:
+    """Median time of ``fn()`` in ms: CUDA events around each call (``events``), else a synchronized wall clock."""
+    for _ in range(plan.warmup if warmup is None else warmup):
+        fn()
+    sync(plan.device)
+    times = []
+    for _ in range(plan.reps if reps is None else reps):
+        if events and plan.device.startswith("cuda"):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            sync(plan.device)
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float().cpu(), ref.float().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random, drawn where it lives: weights ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2),
+    biases ~ N(0, 0.05^2) (as tests/test_unet_parity.randomize_, which draws on the CPU and is slow at full size)."""
+    with torch.no_grad():
+        for i, (name, p) in enumerate(sorted(model.named_parameters())):
+            g = torch.Generator(p.device).manual_seed(seed * 100_003 + i)
+            r = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
+            if p.ndim == 0:
+                continue
+            if name.endswith("bias"):
+                p.copy_(0.05 * r)
+            elif p.ndim == 1:  # norm scales
+                p.copy_(1 + 0.1 * r)
+            else:
+                p.copy_(r / math.sqrt(p[0].numel()))
+    return model
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Table:
+    def __init__(self, plan: Plan):
+        self.rows: list[dict] = []
+        self.plan = plan
+
+    def add(self, **row) -> dict:
+        self.rows.append(row)
+        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        return row
+
+
+# ------------------------------------------------------------------------------------------------ U-Net
+
+
+def unet_pair(plan: Plan, name: str):
+    """(cfg, diffusers U-Net, our U-Net) in fp32 on the device, identical random weights."""
+    from diffusers import UNet2DConditionModel
+
+    from ldm.components import unet_config_to_diffusers
+
+    cfg = plan.unet_cfg(name)
+    dcfg = {k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")}
+    with torch.device(plan.device):
+        ref = UNet2DConditionModel(**dcfg).eval()
+        randomize_(ref, seed=1)
+        ours = UNet(cfg).eval()
+    ours.load_state_dict(diffusers_to_ours(ref.state_dict(), cfg), strict=True)
+    return cfg, ref, ours
+
+
+def unet_inputs(plan: Plan, cfg: UNetConfig, ref, batch: int, hw: int):
+    g = torch.Generator(plan.device).manual_seed(2)
+    dev = plan.device
+    x = torch.randn(batch, 4, hw, hw, generator=g, device=dev)
+    t = torch.linspace(17.0, 981.0, batch, device=dev)
+    ctx = torch.randn(batch, 77, cfg.context_dim, generator=g, device=dev)
+    kw, vec = {}, None
+    if cfg.adm_in_channels:
+        te = torch.randn(batch, cfg.adm_in_channels - 6 * 256, generator=g, device=dev)
+        ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch, device=dev)
+        kw["added_cond_kwargs"] = {"text_embeds": te, "time_ids": ids}
+        with torch.no_grad():
+            vec = torch.cat([te, ref.add_time_proj(ids.flatten()).reshape(batch, -1).to(te.dtype)], -1)
+    return x, t, ctx, kw, vec
+
+
+def cast_inputs(dtype, x, ctx, kw, vec):
+    kwd = {"added_cond_kwargs": {k: v.to(dtype) for k, v in kw["added_cond_kwargs"].items()}} if kw else {}
+    return x.to(dtype), ctx.to(dtype), kwd, None if vec is None else vec.to(dtype)
+
+
+def unet_case(plan: Plan, table: Table, case: str, name: str, batch: int, hw: int, variants: dict, compiled: bool):
+    batch, hw = plan.batch(batch), plan.hw(hw)
+    cfg, ref, ours = unet_pair(plan, name)
+    x, t, ctx, kw, vec = unet_inputs(plan, cfg, ref, batch, hw)
+    with torch.no_grad():
+        ref32 = ours(x, t, Cond(context=ctx, vector=vec))  # our eager fp32 output: every variant's reference
+        d32 = ref(x, t, encoder_hidden_states=ctx, **kw).sample
+    table.add(case=case, impl="parity", variant="fp32 ours vs diffusers", err=rel_err(ref32, d32))
+    del d32
+    ref, ours = ref.to(plan.dtype), ours.to(plan.dtype)
+    xb, cb, kwb, vb = cast_inputs(plan.dtype, x, ctx, kw, vec)
+    cond = Cond(context=cb, vector=vb)
+    f_ref = lambda: ref(xb, t, encoder_hidden_states=cb, **kwb).sample  # noqa: E731
+    with torch.no_grad():
+        flops = count_flops(f_ref)
+        d_ms = median_ms(f_ref, plan)
+        table.add(case=case, impl="diffusers", variant="eager", ms=d_ms, flops=flops, tflops=flops / d_ms / 1e9,
+                  mfu=flops / d_ms / 1e9 / plan.peak, err=rel_err(f_ref(), ref32))  # fmt: skip
+        dc_ms = None
+        if compiled:
+            cref = torch.compile(ref)
+            t0 = time.perf_counter()
+            cref(xb, t, encoder_hidden_states=cb, **kwb)
+            sync(plan.device)
+            compile_s = time.perf_counter() - t0
+            fc = lambda: cref(xb, t, encoder_hidden_states=cb, **kwb).sample  # noqa: E731
+            dc_ms = median_ms(fc, plan, warmup=3)
+            table.add(case=case, impl="diffusers", variant="torch.compile default", ms=dc_ms, compile_s=compile_s,
+                      ratio=dc_ms / d_ms, tflops=flops / dc_ms / 1e9, err=rel_err(fc(), ref32))  # fmt: skip
+        for label, spec in variants.items():
+            spec = dict(spec)
+            graphs_on_top = spec.pop("graphs_on_top", False)
+            if plan.device == "cpu" and (graphs_on_top or spec.get("cuda_graphs")):
+                continue  # CUDA only
+            t0 = time.perf_counter()
+            applied = apply_speed(ours, SpeedConfig(**spec))
+            if graphs_on_top:  # the same compiled body, wrapped in our CUDA-graph runner: no second compilation
+                ours.forward = CUDAGraphForward(ours.forward)
+            out = ours(xb, t, cond)
+            sync(plan.device)
+            first_s = time.perf_counter() - t0
+            f = lambda: ours(xb, t, cond)  # noqa: E731
+            ms = median_ms(f, plan, warmup=3 if compiled else None)
+            err = rel_err(out, ref32)
+            row = dict(case=case, impl="ours", variant=label, ms=ms, ratio=ms / d_ms, tflops=flops / ms / 1e9,
+                       mfu=flops / ms / 1e9 / plan.peak, err=err, ok=err < plan.tol,
+                       speed=applied.describe())  # fmt: skip
+            if graphs_on_top:  # what SpeedConfig(compile="default", cuda_graphs=True / null) applies in one go
+                row["speed"] = row["speed"].replace("cuda_graphs=False", "cuda_graphs=True")
+            if dc_ms:
+                row["ratio_vs_compiled"] = ms / dc_ms
+            if first_s > 5:
+                row["first_call_s"] = first_s
+            table.add(**row)
+        remove_speed(ours)
+    del ref, ours
+    free()
+
+
+def unet_variants(channels_last_eager: bool) -> dict:
+    v = {
+        "eager, SDPA auto (baseline)": dict(OFF),
+        "SDPA fastest (cuDNN first)": dict(OFF, attention_kernel="fastest"),
+        "+ fused QKV": dict(OFF, attention_kernel="fastest", fused_qkv=True),
+    }
+    if channels_last_eager:
+        v["+ fused QKV + channels-last (eager)"] = dict(OFF, attention_kernel="fastest", fused_qkv=True,
+                                                        channels_last=True)  # fmt: skip
+    v["+ fused QKV + CUDA graphs = default"] = dict(OFF, attention_kernel="fastest", fused_qkv=True, cuda_graphs=True)
+    v["eager, SDPA auto (baseline, timed again)"] = dict(OFF)  # the spread between two timings of one version
+    return v
+
+
+def compile_variants(channels_last_only: bool = False) -> dict:
+    base = dict(attention_kernel="fastest", fused_qkv=True, cuda_graphs=False, compile="default")
+    if channels_last_only:  # one compilation
+        return {"compile default + channels-last": dict(base, channels_last=True),
+                "compile default + channels-last + CUDA graphs": dict(base, channels_last=True, graphs_on_top=True)}
+    return {
+        "compile default": dict(base, channels_last=False),
+        "compile default + CUDA graphs": dict(base, channels_last=False, graphs_on_top=True),
+        "compile default + channels-last": dict(base, channels_last=True),
+        "compile default + channels-last + CUDA graphs": dict(base, channels_last=True, graphs_on_top=True),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+
+
+def vae_case(plan: Plan, table: Table) -> None:
+    from diffusers import AutoencoderKL as RefVAE
+
+    from autoencoder import AutoencoderConfig, AutoencoderKL
+    from autoencoder.keys import config_to_diffusers, diffusers_to_ours as vae_d2o
+
+    cfg = AutoencoderConfig.tiny() if plan.tiny else AutoencoderConfig.sd()
+    with torch.device(plan.device):
+        ref = randomize_(RefVAE(**config_to_diffusers(cfg)).eval(), seed=3)
+        ours = AutoencoderKL(cfg).eval()
+    ours.load_state_dict(vae_d2o(ref.state_dict(), cfg), strict=True)
+    side = plan.hw(64)
+    g = torch.Generator(plan.device).manual_seed(4)
+    z = torch.randn(1, cfg.latent_channels, side, side, device=plan.device, generator=g)
+    with torch.no_grad():
+        ref32 = ours.decode(z)
+        ref, ours = ref.to(plan.dtype), ours.to(plan.dtype)
+        zb = z.to(plan.dtype)
+        fr = lambda: ref.decode(zb / cfg.scale_factor).sample  # noqa: E731
+        fo = lambda: ours.decode(zb)  # noqa: E731
+        d_ms = median_ms(fr, plan)
+        table.add(case="vae", impl="diffusers", variant="eager", ms=d_ms, err=rel_err(fr(), ref32))
+        ms = median_ms(fo, plan)
+        table.add(case="vae", impl="ours", variant="eager", ms=ms, ratio=ms / d_ms, err=rel_err(fo(), ref32))
+    del ref, ours
+    free()
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def e2e_case(plan: Plan, table: Table, e2e_compile: bool = True) -> None:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from inference.pipeline import Pipeline
+    from ldm.bundle import Bundle, save_bundle
+    from ldm.model_config import ModelConfig
+    from tests.fakes import SD_SCHEDULE
+
+    tok = _hf_tokenizer()
+    tok.model_max_length = 77
+    cfg = ModelConfig.tiny("sd1") if plan.tiny else ModelConfig.sd15()
+    try:  # built on the device: the CPU's initialisation of 1e9 parameters takes tens of seconds
+        with torch.device(plan.device):
+            b = Bundle(cfg)
+    except Exception:  # noqa: BLE001
+        b = Bundle(cfg).to(plan.device)
+    for i, part in enumerate((b.unet, b.vae, *b.text)):
+        randomize_(part, seed=10 + i)
+    with torch.no_grad():  # random decoders overshoot [-1, 1]: scale the output so images are not all clipped
+        b.vae.decoder.conv_out.weight.mul_(0.25)
+        b.vae.decoder.conv_out.bias.mul_(0.25)
+    root = Path(tempfile.mkdtemp()) / "sd15-random"
+    save_bundle(b.to(torch.bfloat16 if plan.device != "cpu" else torch.float32), root, format="diffusers")
+    del b
+    free()
+    side = 32 if plan.tiny else 512
+    steps = 3 if plan.tiny else 25
+    prompt, negative = "a photograph of an astronaut riding a horse", "blurry, low quality"
+    kw = dict(steps=steps, sampler="dpmpp_2m", cfg_scale=7.5, width=side, height=side, seed=1, negative=negative)
+    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[plan.dtype]
+    reps = max(3, min(plan.reps, 5))
+
+    def ours_run(pipe):
+        return pipe(prompt, **kw).pixels
+
+    p32 = Pipeline.load(root, device=plan.device, dtype="fp32", speed=SpeedConfig(**OFF))
+    ref32 = ours_run(p32)
+    del p32
+    free()
+    ref = StableDiffusionPipeline.from_pretrained(root, tokenizer=tok, torch_dtype=plan.dtype).to(plan.device)
+    ref.scheduler = DPMSolverMultistepScheduler(**SD_SCHEDULE, timestep_spacing="leading", steps_offset=1)
+    ref.set_progress_bar_config(disable=True)
+
+    def ref_run():
+        g = torch.Generator("cpu").manual_seed(1)
+        return ref(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=7.5, height=side,
+                   width=side, generator=[g], output_type="np").images  # fmt: skip
+
+    d_ms = median_ms(ref_run, plan, warmup=1, reps=reps, events=False)
+    d_img = torch.from_numpy(ref_run()).to(ref32.device)
+    table.add(case="e2e", impl="diffusers", variant=f"StableDiffusionPipeline eager {dtype_name}", ms=d_ms,
+              err=rel_err(d_img, ref32))  # fmt: skip
+    del ref
+    free()
+    base_err = None
+    variants = [("eager (speed off)", OFF), ("default speed (SpeedConfig())", {})]
+    if e2e_compile:
+        variants.append(("compile default (+ channels-last, CUDA graphs by auto)", dict(compile="default")))
+    for label, spec in variants:
+        pipe = Pipeline.load(root, device=plan.device, dtype=dtype_name, speed=SpeedConfig(**spec))
+        t0 = time.perf_counter()
+        first = ours_run(pipe)  # the first image: compilation, graph capture
+        first_s = time.perf_counter() - t0
+        ms = median_ms(lambda: ours_run(pipe), plan, warmup=1, reps=reps, events=False)
+        err = rel_err(first, ref32)
+        base_err = err if base_err is None else base_err
+        table.add(case="e2e", impl="ours", variant=label, ms=ms, ratio=ms / d_ms, err=err, first_image_s=first_s,
+                  ok=err < max(plan.tol, 1.5 * base_err), speed=pipe.bundle.unet.speed.describe())  # fmt: skip
+        del pipe
+        free()
+
+
+def _hf_tokenizer():
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+
+    st = SimpleTokenizer()
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {rename.get(tok, tok): i for tok, i in st.encoder.items()}
+    merges = [pair for pair, _ in sorted(st.bpe_ranks.items(), key=lambda kv: kv[1])]
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def train_case(plan: Plan, table: Table, case: str, res: int, batch: int, ours_specs: dict) -> None:
+    """fp32 weights, bf16 autocast, fused AdamW, MSE on eps; latents and text embeddings precomputed (random)."""
+    from diffusers import UNet2DConditionModel
+
+    from ldm.components import unet_config_to_diffusers
+
+    cfg = plan.unet_cfg("sd15")
+    side, batch = (16, 2) if plan.tiny else (res // 8, batch)
+    dcfg = {k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")}
+    with torch.device(plan.device):
+        ref = randomize_(UNet2DConditionModel(**dcfg), seed=1)
+    state = {k: v.to("cpu") for k, v in ref.state_dict().items()}
+    del ref
+    free()
+    g = torch.Generator(plan.device).manual_seed(5)
+    latents = torch.randn(batch, 4, side, side, generator=g, device=plan.device)  # precomputed VAE latents
+    context = torch.randn(batch, 77, cfg.context_dim, generator=g, device=plan.device)  # precomputed text
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, device=plan.device, dtype=torch.float64) ** 2
+    acp = torch.cumprod(1 - betas, 0).float()
+    fused = plan.device.startswith("cuda")
+    amp = dict(device_type="cuda" if fused else "cpu", dtype=torch.bfloat16)
+
+    def make_step(call, params):
+        opt = torch.optim.AdamW(params, lr=1e-6, fused=fused or None)
+
+        def step():
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, 1000, (batch,), device=plan.device)
+            a = acp[t].view(-1, 1, 1, 1)
+            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+            with torch.autocast(**amp):
+                pred = call(noisy, t)
+            loss = F.mse_loss(pred.float(), noise)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        return step
+
+    def measure(label, impl, build, call, flops=None, spec=None):
+        free()
+        before = 0
+        if plan.device.startswith("cuda"):  # the step's own peak: what earlier cases left allocated is subtracted
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        model = build()
+        model.train()
+        step = make_step(lambda x, t: call(model, x, t), list(model.parameters()))
+        if flops is None:  # forward + backward of one step, counted once
+            with FlopCounterMode(display=False) as fc:
+                with torch.autocast(**amp):
+                    out = call(model, latents, torch.full((batch,), 500, device=plan.device))
+                out.float().square().mean().backward()
+            model.zero_grad(set_to_none=True)
+            flops = fc.get_total_flops()
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        step()
+        sync(plan.device)
+        first_s = time.perf_counter() - t0
+        ms = median_ms(step, plan, warmup=2, reps=plan.train_reps, events=True)
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if plan.device.startswith("cuda") else float("nan")
+        row = dict(case=case, impl=impl, variant=label, ms=ms, img_s=batch / ms * 1e3, flops=flops,
+                   tflops=flops / ms / 1e9, mfu=flops / ms / 1e9 / plan.peak, peak_gib=peak)  # fmt: skip
+        if first_s > 5:
+            row["first_call_s"] = first_s
+        if spec is not None:  # the optimised forward against our eager fp32 forward, same weights and inputs
+            n = min(batch, 4)
+            with torch.no_grad():
+                fresh = UNet(cfg).to(plan.device)
+                x, tt, c = latents[:n], torch.linspace(17.0, 981.0, n, device=plan.device), context[:n]
+                fresh.load_state_dict(model.state_dict())  # the trained weights: compare like with like
+                r32 = fresh(x, tt, Cond(context=c))
+                with torch.autocast(**amp):
+                    o = model(x, tt, Cond(context=c))
+                del fresh
+            row["err"] = rel_err(o, r32)
+            row["ok"] = row["err"] < plan.tol
+        del model, step
+        return row, flops
+
+    def build_ref():
+        with torch.device(plan.device):
+            m = UNet2DConditionModel(**dcfg)
+        m.load_state_dict(state)
+        return m
+
+    d_row, flops = measure("eager, fused AdamW", "diffusers", build_ref,
+                           lambda m, x, t: m(x, t, encoder_hidden_states=context).sample)  # fmt: skip
+    table.add(**d_row)
+    for label, spec in ours_specs.items():
+        def build_ours(spec=spec):
+            with torch.device(plan.device):
+                m = UNet(cfg)
+            m.load_state_dict(diffusers_to_ours(state, cfg))
+            apply_speed(m, SpeedConfig(**spec), training=True)
+            return m
+
+        row, _ = measure(label, "ours", build_ours, lambda m, x, t: m(x, t, Cond(context=context)), flops, spec)
+        row["ratio_img_s"] = row["img_s"] / d_row["img_s"]
+        row["peak_ratio"] = row["peak_gib"] / d_row["peak_gib"] if d_row["peak_gib"] == d_row["peak_gib"] else None
+        table.add(**row)
+    free()
+
+
+TRAIN_EAGER = {
+    "eager, SDPA auto": dict(attention_kernel="auto", channels_last=False, compile="none"),
+    "SDPA fastest (default)": dict(attention_kernel="fastest", channels_last=False, compile="none"),
+}
+TRAIN_COMPILE = {
+    "SDPA fastest + compile default": dict(attention_kernel="fastest", channels_last=False, compile="default"),
+}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def summary(rows: list[dict]) -> list[str]:
+    def get(case, impl, variant=None):
+        return [r for r in rows
+                if r["case"] == case and r["impl"] == impl and (variant is None or r["variant"] == variant)]
+
+    def best(case):
+        rs = [r for r in get(case, "ours") if r.get("ok", True)]
+        return min(rs, key=lambda r: r["ms"]) if rs else None
+
+    out = []
+    d = {r["case"]: r for r in rows if r["impl"] == "diffusers" and r["variant"] == "eager"}
+    b2 = best("unet_b2")
+    b2c = best("unet_b2_compile")
+    dc = get("unet_b2_compile", "diffusers", "torch.compile default")
+    fastest = min([r for r in (b2, b2c) if r], key=lambda r: r["ms"], default=None)
+    if fastest and "unet_b2" in d:
+        out.append(f"U-Net b2: best ours {fastest['ms']:.2f} ms ({fastest['variant']}) = "
+                   f"{fastest['ms'] / d['unet_b2']['ms']:.2f}x diffusers eager (goal <= 0.25)")  # fmt: skip
+    if fastest and dc:
+        out.append(f"U-Net b2: {fastest['ms'] / dc[0]['ms']:.2f}x diffusers compiled (goal <= 0.5)")
+    b16 = min([r for r in (best("unet_b16"), best("unet_b16_compile")) if r], key=lambda r: r["ms"], default=None)
+    if b16:
+        out.append(f"U-Net b16: {b16['mfu'] * 100:.0f}% MFU ({b16['variant']}) (goal >= 50%)")
+    e = best("e2e")
+    if e:
+        out.append(f"end to end 512 px, 25 steps: {e['ms'] / 1e3:.3f} s = {e['ratio']:.2f}x diffusers "
+                   f"(goals <= 0.25 s, <= 0.4x)")  # fmt: skip
+    for case, goal in (("train256", 1.6), ("train512", 1.5), ("train256_compile", 1.6)):
+        rs = [r for r in get(case, "ours") if r.get("ok", True)]
+        if rs:
+            r = max(rs, key=lambda r: r["img_s"])
+            peak_ratio = r["peak_ratio"] or float("nan")
+            out.append(f"{case}: {r['img_s']:.0f} img/s = {r['ratio_img_s']:.2f}x diffusers (goal >= {goal}), peak "
+                       f"{r['peak_gib']:.1f} GiB = {peak_ratio:.2f}x ({r['variant']})")  # fmt: skip
+    s = best("sdxl_b2")
+    if s:
+        out.append(f"SDXL b2 128: {s['ratio']:.2f}x diffusers eager (goal <= 0.5)")
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| case | impl | variant | ms | vs diffusers eager | TFLOP/s (MFU) | img/s | peak GiB | err vs our fp32 "
+             "| ok |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        if "case" not in r or r["impl"] == "parity":
+            continue
+        f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else ""  # noqa: E731
+        ratio = f("ratio", ".2f") + "x" if r.get("ratio") else ""
+        if r.get("ratio_vs_compiled"):
+            ratio += f" ({r['ratio_vs_compiled']:.2f}x compiled)"
+        if r.get("ratio_img_s"):
+            ratio = f"{r['ratio_img_s']:.2f}x img/s"
+        mfu = f"{r['tflops']:.0f} ({100 * r['mfu']:.0f}%)" if r.get("mfu") else (f("tflops", ".0f"))
+        ok = "" if "ok" not in r else ("yes" if r["ok"] else "NO")
+        lines.append(f"| {r['case']} | {r['impl']} | {r['variant']} | {f('ms', '.2f')} | {ratio} | {mfu} | "
+                     f"{f('img_s', '.0f')} | {f('peak_gib', '.1f')} | {f('err', '.1e')} | {ok} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(c for c in CASES if c not in ("train256_compile", "unet_b16_compile")),
+                    help="comma-separated cases (default: all but unet_b16_compile, train256_compile): "
+                    + ", ".join(CASES))  # fmt: skip
+    ap.add_argument("--out", default="perf.json")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up, 3 repetitions")
+    ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU (checks the code paths only)")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--train-reps", type=int, default=20)
+    ap.add_argument("--peak", type=float, default=790.0, help="bf16 matmul peak in TFLOP/s for MFU")
+    ap.add_argument("--tol", type=float, default=3e-2)
+    ap.add_argument("--no-e2e-compile", action="store_true", help="skip the compiled end-to-end variant (~1 min)")
+    args = ap.parse_args(argv)
+    cases = [c.strip() for c in args.only.split(",") if c.strip()]
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        ap.error(f"--only: unknown case {bad[0]!r}; one of: {', '.join(CASES)}")
+    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    quick = args.quick or args.tiny
+    plan = Plan(device=device, dtype=torch.bfloat16, tiny=args.tiny, warmup=1 if quick else 5,
+                reps=3 if quick else args.reps, train_reps=3 if quick else args.train_reps, peak=args.peak,
+                tol=args.tol)  # fmt: skip
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    table = Table(plan)
+    import diffusers
+
+    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "cases": cases, "reps": plan.reps,
+            "train_reps": plan.train_reps}  # fmt: skip
+    print(json.dumps(meta), flush=True)
+    runs = {
+        "unet_b2": lambda: unet_case(plan, table, "unet_b2", "sd15", 2, 64, unet_variants(True), False),
+        "unet_b2_compile": lambda: unet_case(plan, table, "unet_b2_compile", "sd15", 2, 64, compile_variants(), True),
+        "unet_b16": lambda: unet_case(plan, table, "unet_b16", "sd15", 16, 64, unet_variants(True), False),
+        "unet_b16_compile": lambda: unet_case(plan, table, "unet_b16_compile", "sd15", 16, 64,
+                                              compile_variants(channels_last_only=True), False),
+        "sdxl_b2": lambda: unet_case(plan, table, "sdxl_b2", "sdxl", 2, 128, unet_variants(False), False),
+        "vae": lambda: vae_case(plan, table),
+        "e2e": lambda: e2e_case(plan, table, not args.no_e2e_compile),
+        "train256": lambda: train_case(plan, table, "train256", 256, 64, TRAIN_EAGER),
+        "train512": lambda: train_case(plan, table, "train512", 512, 32, TRAIN_EAGER),
+        "train256_compile": lambda: train_case(plan, table, "train256_compile", 256, 64, TRAIN_COMPILE),
+    }
+    failures = []
+    for c in cases:
+        t0 = time.perf_counter()
+        try:
+            runs[c]()
+        except Exception as e:  # noqa: BLE001 - one failing case must not lose the others' numbers
+            import traceback
+
+            traceback.print_exc()
+            failures.append(f"{c}: {type(e).__name__}: {e}")
+            free()
+        print(f"# {c}: {time.perf_counter() - t0:.0f} s", flush=True)
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": table.rows, "failures": failures}, indent=1))
+    print()
+    print(markdown(table.rows))
+    print()
+    for line in summary(table.rows):
+        print("- " + line)
+    for f in failures:
+        print("FAILED " + f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,259 @@
+"""Speed switches for the U-Net: ``SpeedConfig`` and ``apply_speed(unet, cfg)``, in place, weights untouched.
+
+    apply_speed(pipe.bundle.unet, SpeedConfig())                      # the defaults: the fastest correct ones
+    apply_speed(unet, SpeedConfig(compile="default", channels_last=True), training=True)
+
+Each switch is a runtime transformation: parameter names, shapes and the state dict stay as they are, so
+checkpoints load and save the same. ``None`` (``auto``) means "on where it was measured to help" (BENCHMARKS.md,
+"Performance"): on CUDA, off on the CPU, where every default is a no-op and the eager path stays bit for bit
+what it was.
+
+    attention_kernel  fastest: SDPA with priority cuDNN > flash > memory-efficient > math (cuDNN measured 1.3-1.8x
+                      faster than flash on the H200; the priority list falls through where cuDNN cannot run, e.g.
+                      fp32); auto: PyTorch's own choice; or pin one (ldm/attention.py). On the CPU ``fastest`` keeps
+                      the U-Net's configured kernel.
+    fused_qkv         one matmul for q, k, v of self-attention and one for k, v of cross-attention, through weights
+                      concatenated once and cached (ldm/transformer.py, CrossAttention.fuse_projections).
+                      Inference only: with gradients the separate projections run. auto: on with CUDA, inference.
+    channels_last     convolution weights (and so activations) in NHWC. cuDNN's bf16 convolutions run NHWC natively,
+                      but PyTorch's eager CUDA GroupNorm copies NHWC input to NCHW, so eager loses what the
+                      convolutions gain; compiled, Inductor writes GroupNorm for either layout. auto: on with CUDA
+                      when compiled.
+    compile           none | default | max-autotune | max-autotune-no-cudagraphs | reduce-overhead: torch.compile of
+                      the U-Net's body (``_forward``; input checks and the SDPA kernel context stay eager, so the
+                      trace sees the pinned kernel). ~50 s of compilation for SD 1.5: off by default.
+    cuda_graphs       capture the whole U-Net call once per input shape and replay it (CUDAGraphForward):
+                      removes the ~1,000 kernel launches' host cost, which dominates at batch 2. Inference only
+                      (no gradients), CUDA only; the inputs are copied into static buffers, the output is cloned.
+                      auto: on with CUDA for inference unless compile is reduce-overhead (which captures its own).
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .attention import SDPA_KERNELS
+from .config import check_choices, choice
+from .conditioning import Cond
+
+COMPILE_MODES = ("none", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+ATTENTION_KERNELS = tuple(SDPA_KERNELS)  # auto | cudnn | flash | efficient | math | fastest
+
+
+@dataclass
+class SpeedConfig:
+    attention_kernel: str = choice("fastest", *ATTENTION_KERNELS)
+    fused_qkv: Optional[bool] = None  # None: auto (CUDA inference)
+    channels_last: Optional[bool] = None  # None: auto (CUDA and compiled)
+    compile: str = choice("none", *COMPILE_MODES)
+    cuda_graphs: Optional[bool] = None  # None: auto (CUDA inference, unless compile=reduce-overhead)
+
+    def __post_init__(self) -> None:
+        check_choices(self, "speed")
+        for name in ("fused_qkv", "channels_last", "cuda_graphs"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise ValueError(f"speed.{name}: must be true, false or null (auto), got {v!r}")
+        if self.cuda_graphs and self.compile == "reduce-overhead":
+            raise ValueError("speed.cuda_graphs: compile=reduce-overhead already captures CUDA graphs; set "
+                             "speed.cuda_graphs=false or another speed.compile mode")  # fmt: skip
+
+    def resolve(self, device: torch.device | str, training: bool = False) -> "ResolvedSpeed":
+        """Concrete switches for a U-Net on ``device``; ``training``: gradients flow (no graphs, no fused cache)."""
+        cuda = torch.device(device).type == "cuda"
+        if training and self.cuda_graphs:
+            raise ValueError("speed.cuda_graphs: CUDA graphs are for inference; set speed.cuda_graphs=false (or "
+                             "null) for training, or compile=reduce-overhead")  # fmt: skip
+        if not cuda and self.cuda_graphs:
+            raise ValueError(f"speed.cuda_graphs: needs a CUDA device, the U-Net is on {device}")
+        compiled = self.compile != "none"
+        kernel = self.attention_kernel
+        if kernel == "fastest" and not cuda:
+            kernel = None  # keep the configured one
+        return ResolvedSpeed(
+            attention_kernel=kernel,
+            fused_qkv=_auto(self.fused_qkv, cuda and not training),
+            channels_last=_auto(self.channels_last, cuda and compiled),
+            compile=self.compile,
+            cuda_graphs=_auto(self.cuda_graphs, cuda and not training and self.compile != "reduce-overhead"),
+        )
+
+
+def _auto(value: Optional[bool], default: bool) -> bool:
+    return default if value is None else value
+
+
+@dataclass(frozen=True)
+class ResolvedSpeed:
+    attention_kernel: Optional[str]  # None: the U-Net's configured kernel, untouched
+    fused_qkv: bool
+    channels_last: bool
+    compile: str
+    cuda_graphs: bool
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+
+def apply_speed(unet: nn.Module, cfg: SpeedConfig | None = None, *, training: bool = False) -> ResolvedSpeed:
+    """Apply ``cfg`` (default: SpeedConfig()) to a UNet (ldm/unet.py) in place, on the device it is on now.
+
+    Call it after the weights are loaded and the network is moved. Calling it again first undoes the previous
+    switches (``remove_speed``). Returns what was applied (also kept as ``unet.speed``)."""
+    from .transformer import CrossAttention, SpatialTransformer  # noqa: PLC0415
+
+    cfg = cfg if cfg is not None else SpeedConfig()
+    remove_speed(unet)
+    first = next(unet.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    r = cfg.resolve(device, training)
+    if r.attention_kernel is not None and hasattr(unet, "set_attention_backend"):
+        backend = next((m.backend for m in unet.modules() if isinstance(m, CrossAttention)), "sdpa")
+        unet.set_attention_backend(backend, r.attention_kernel)
+    for m in unet.modules():
+        if isinstance(m, CrossAttention):
+            m.fuse_projections(r.fused_qkv)
+            if r.fused_qkv:
+                m.fused_projection()  # built now, eagerly, so a compiled graph only reads the buffer
+        if isinstance(m, SpatialTransformer):
+            m.channels_last = r.channels_last
+    if r.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if r.compile != "none" and hasattr(unet, "_forward"):
+        mode = None if r.compile == "default" else r.compile
+        unet._forward = torch.compile(unet._forward, mode=mode)  # the body; checks + kernel context stay eager
+    if r.cuda_graphs:
+        unet.forward = CUDAGraphForward(unet.forward)
+    unet.speed = r
+    return r
+
+
+def remove_speed(unet: nn.Module) -> None:
+    """Undo ``apply_speed``: eager forward, separate projections, NCHW weights, the configured attention kernel."""
+    from .transformer import CrossAttention, SpatialTransformer  # noqa: PLC0415
+
+    if getattr(unet, "speed", None) is None:
+        return
+    for name in ("forward", "_forward"):
+        unet.__dict__.pop(name, None)  # instance attributes shadowing the class's methods
+    for m in unet.modules():
+        if isinstance(m, CrossAttention):
+            m.fuse_projections(False)
+        if isinstance(m, SpatialTransformer):
+            m.channels_last = False
+    if unet.speed.channels_last:
+        unet.to(memory_format=torch.contiguous_format)
+    if unet.speed.attention_kernel is not None and hasattr(unet, "set_attention_backend"):
+        backend = next((m.backend for m in unet.modules() if isinstance(m, CrossAttention)), "sdpa")
+        unet.set_attention_backend(backend, unet.cfg.sdpa_kernel)
+    unet.speed = None
+
+
+# ------------------------------------------------------------------------------------------------ CUDA graphs
+
+
+def _flatten(args: tuple) -> tuple[list[Tensor], Any]:
+    """Tensors of (x, t, cond) in a fixed order, and a hashable description of where they go."""
+    x, t, cond = args
+    tensors, spec = [x, t], []
+    for f in fields(Cond):
+        v = getattr(cond, f.name)
+        if v is None:
+            spec.append((f.name, None))
+        elif isinstance(v, Tensor):
+            tensors.append(v)
+            spec.append((f.name, "t"))
+        elif isinstance(v, dict):
+            keys = tuple(sorted(v))
+            tensors += [v[k] for k in keys]
+            spec.append((f.name, ("d", keys)))
+        else:
+            tensors += list(v)
+            spec.append((f.name, ("l", len(v))))
+    return tensors, tuple(spec)
+
+
+def _unflatten(tensors: list[Tensor], spec) -> tuple:
+    x, t, rest = tensors[0], tensors[1], list(tensors[2:])
+    kw = {}
+    for name, kind in spec:
+        if kind is None:
+            kw[name] = None
+        elif kind == "t":
+            kw[name] = rest.pop(0)
+        elif kind[0] == "d":
+            kw[name] = {k: rest.pop(0) for k in kind[1]}
+        else:
+            kw[name] = tuple(rest.pop(0) for _ in range(kind[1]))
+    return x, t, Cond(**kw)
+
+
+class CUDAGraphForward:
+    """``fn(x, t, cond)`` replayed from a CUDA graph captured once per input signature (shapes, dtypes, strides,
+    which condition fields are set). Falls back to ``fn`` with gradients on, off CUDA, with T2I-Adapter features,
+    or, after a warning, for good if a capture fails (e.g. code that reads a value on the host).
+
+    The graph reads the parameters where they are: in-place weight changes (load_state_dict, merge_lora) are seen.
+    What the host decided at capture is not: replaced parameter tensors, modules added or swapped (inject_lora,
+    load_lora), Python-side settings (set_lora_scale, set_attention_backend); call ``reset()`` (or ``apply_speed``
+    again) after those."""
+
+    def __init__(self, fn: Callable, max_graphs: int = 4):
+        self.fn = fn
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict = OrderedDict()  # signature -> (static inputs, graph, static output)
+        self.failed: str | None = None
+
+    def reset(self) -> None:
+        self.graphs.clear()
+
+    def __call__(self, x: Tensor, t, cond: Cond | None = None, adapter=None) -> Tensor:
+        if (self.failed or adapter is not None or not x.is_cuda or torch.is_grad_enabled()
+                or torch.cuda.is_current_stream_capturing()):  # fmt: skip
+            return self.fn(x, t, cond, adapter)
+        cond = cond if cond is not None else Cond()
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        tensors, spec = _flatten((x, t, cond))
+        key = (spec, tuple((tuple(a.shape), a.dtype, a.stride(), a.device) for a in tensors))
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(tensors, spec)
+            if entry is None:
+                return self.fn(x, t, cond)
+            self.graphs[key] = entry
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(key)
+        static_in, graph, static_out = entry
+        for s, a in zip(static_in, tensors):
+            s.copy_(a)
+        graph.replay()
+        return static_out.clone()  # the next replay overwrites static_out
+
+    def _capture(self, tensors: list[Tensor], spec):
+        static_in = [a.clone() for a in tensors]
+        args = _unflatten(static_in, spec)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side):  # warm-up: lazy inits, cuDNN/cuBLAS plans, autotuning happen here
+                for _ in range(2):
+                    self.fn(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.fn(*args)
+        except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
+            self.failed = f"{type(e).__name__}: {e}"
+            warnings.warn(f"speed.cuda_graphs: capture failed ({self.failed}); running the U-Net eagerly",
+                          RuntimeWarning, stacklevel=3)  # fmt: skip
+            return None
+        return static_in, graph, static_out
