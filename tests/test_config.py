@@ -21,7 +21,7 @@ from ldm.schedule import DiscreteSchedule, ScheduleConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLER_KEYS = ["name", "steps", "sigma_spacing", "timestep_spacing", "steps_offset", "final", "rho", "convention",
-                "eta", "cfg_scale", "guidance_rescale", "seed"]
+                "eta", "cfg_scale", "guidance_rescale", "seed", "teleport", "teleport_stats"]
 
 
 def raises(source=None, overrides=(), cls=None) -> str:

@@ -41,6 +41,10 @@ class SamplerConfig:
     cfg_scale: float = 7.5  # classifier-free guidance scale (1 = no guidance)
     guidance_rescale: float = 0.0  # Lin et al. 2023, sec. 3.4 (0.7 recommended with zero-terminal SNR)
     seed: Optional[int] = None  # None = random  (Optional, not `int | None`: omegaconf 2.3 needs typing.Optional)
+    # analytical teleportation (ldm/samplers/teleport.py): skip this fraction of the steps with the closed-form
+    # Gaussian solution; 0 = off. teleport_stats: the Gaussian statistics file that `ldm analyze` writes.
+    teleport: float = 0.0
+    teleport_stats: Optional[str] = None
 
     def __post_init__(self) -> None:
         from . import SAMPLERS  # lazy: the package registers its samplers on import; avoids an import cycle
@@ -65,6 +69,8 @@ class SamplerConfig:
             raise ValueError(f"sampler.cfg_scale: must be >= 0, got {self.cfg_scale!r}")
         if not 0 <= self.guidance_rescale <= 1:
             raise ValueError(f"sampler.guidance_rescale: must be in [0, 1], got {self.guidance_rescale!r}")
+        if isinstance(self.teleport, bool) or not isinstance(self.teleport, (int, float)) or not 0 <= self.teleport <= 1:
+            raise ValueError(f"sampler.teleport: must be a fraction of the steps in [0, 1], got {self.teleport!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
             raise ValueError(f"sampler.seed: must be null or an integer in [0, 2**64), got {self.seed!r}")
 
@@ -79,6 +85,15 @@ def make_sigmas(schedule: DiscreteSchedule, cfg: SamplerConfig) -> Tensor:
     return schedule.sample_sigmas(
         cfg.steps, cfg.timestep_spacing, cfg.sigma_spacing, cfg.steps_offset, cfg.final, cfg.rho, convention
     )
+
+
+def configured_sampler(cfg: SamplerConfig, gaussian=None):
+    """The sampler function of ``cfg``, with teleportation when ``cfg.teleport > 0`` (``gaussian``: a GaussianFit,
+    e.g. ``ldm.analysis.load_gaussian(cfg.teleport_stats)``)."""
+    from . import get_sampler
+    from .teleport import with_teleport
+
+    return with_teleport(get_sampler(cfg.name), cfg.teleport, gaussian)
 
 
 def sampler_options(cfg: SamplerConfig) -> dict:
