@@ -201,3 +201,30 @@ def test_rng_round_trip_and_damaged_files(tmp_path):
     (path / "rng" / "rank-0.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     with pytest.raises(CheckpointError, match="rank-0.safetensors"):
         load_rng(path / "rng" / "rank-0")
+
+
+def test_resume_of_a_conditioned_run_is_bit_identical(tmp_path, monkeypatch):
+    """A ControlNet (mask column, random crops and flips applied to the map too) and a class label, each dropped
+    on its own: crash at step 7, resume, and the run ends where the uninterrupted one did, conditions included."""
+    extra = ("shapes.control_maps=[mask]",
+             "conditions=[{type: controlnet, name: mask, column: mask, drop: 0.3, args: {hint_channels: 1}},"
+             " {type: class_label, name: count, column: n_objects, drop: 0.2, args: {num_classes: 3}}]")  # fmt: skip
+    full = train(tiny_config(tmp_path / "full", *_resume_overrides(), *extra))
+    CrashAt.at, CrashAt.calls = 13, 0
+    monkeypatch.setattr(train_mod, "DiffusionLoss", CrashAt)
+    with pytest.raises(Interrupted):
+        train(tiny_config(tmp_path / "cut", *_resume_overrides(), *extra))
+    monkeypatch.undo()
+    resumed = train(tiny_config(tmp_path / "cut", *_resume_overrides(), *extra))
+    assert resumed["state"] == full["state"]
+    a, b = (tmp_path / d / "checkpoints" / "step-00000008" for d in ("full", "cut"))
+    for stem in ("model", "optimizer", "ema"):
+        _same_files(a, b, stem)
+    assert any(k.startswith("conditions.conds.mask.net.") for k in read_state_dict(a / "model.safetensors"))
+    ma, mb = (read_state_dict(tmp_path / d / "model" / "model.safetensors") for d in ("full", "cut"))
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def _resume_overrides() -> tuple[str, ...]:
+    return ("shapes.rows=10", "grad_accum=2", "max_steps=8", "checkpoint_every=6", "ema.decay=0.9", "data.crop=random",
+            "data.random_flip=0.5", "shapes.image_size=20", "cond_dropout.text=0.3")
