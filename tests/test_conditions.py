@@ -451,3 +451,53 @@ def test_a_controlnet_takes_any_number_of_hint_channels():
     torch.testing.assert_close(b.network()(x, t, Cond(context=ctx, extra=extra)), ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"conditions\[depth_normal\]: expected a \(B, 4, H, W\) tensor"):
         b.conditions.prepare({"depth_normal": torch.zeros(B, 3, H * f, W * f)}, Env((H, W)), B)
+
+
+# ------------------------------------------------------------------------------ new inputs on a trained model
+
+
+def test_widened_unet_computes_what_the_trained_one_did():
+    """New concat channels, new vector features (the U-Net had none) and new context features: zero-initialised,
+    so with ANY values for the new inputs the output is the old model's (fp32 summation order aside)."""
+    from ldm.conditions.widen import widen_unet
+    from ldm.unet import UNet
+
+    base = ModelConfig.tiny("sd1")
+    torch.manual_seed(0)
+    old = UNet(base.unet)
+    _randomize(old)
+    wide_cfg = dataclasses.replace(base.unet, in_channels=base.unet.in_channels + 3, adm_in_channels=7,
+                                   context_dim=base.unet.context_dim + 5)  # fmt: skip
+    wide = widen_unet(old, wide_cfg)
+    x, t, ctx, _ = _inputs(base)
+    g = torch.Generator().manual_seed(9)
+    ref = old(x, t, Cond(context=ctx))
+    got = wide(x, t, Cond(context=torch.cat([ctx, torch.randn(B, 77, 5, generator=g)], -1),
+                          vector=torch.randn(B, 7, generator=g), concat=torch.randn(B, 3, H, W, generator=g)))  # fmt: skip
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    sd_old, sd_new = old.state_dict(), wide.state_dict()
+    w = sd_new["input_blocks.0.0.weight"]
+    assert torch.equal(w[:, :4], sd_old["input_blocks.0.0.weight"]) and not w[:, 4:].any()
+    assert not sd_new["label_emb.0.2.weight"].any() and not sd_new["label_emb.0.2.bias"].any()
+
+
+def test_a_new_input_condition_fine_tunes_a_trained_model(tmp_path):
+    """A class label added to a trained checkpoint: the U-Net's vector input appears (zero last layer), the run
+    starts from the loaded model's exact predictions, and the label embedding trains."""
+    from training.train import build_bundle, train
+
+    train(tiny_config(tmp_path / "base", "max_steps=1"))
+    src = tmp_path / "base" / "model"
+    cfg = tiny_config(tmp_path / "ft", f"model.source={src}", "model.overrides=[]", "max_steps=3", "ema=null",
+                      "conditions=[{type: class_label, name: count, column: n_objects, args: {num_classes: 3}}]")  # fmt: skip
+    start = build_bundle(cfg)
+    base = load_bundle(src)
+    assert start.config.unet.adm_in_channels == 3 and base.config.unet.adm_in_channels == 0
+    x, t, ctx, _ = _inputs(base.config)
+    extra = start.conditions.prepare({"count": [1, 2]}, Env((H, W)), B)
+    with torch.no_grad():
+        torch.testing.assert_close(start.network()(x, t, Cond(context=ctx, extra=extra)), base.unet(x, t, Cond(context=ctx)),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+    train(cfg)
+    out = load_bundle(tmp_path / "ft" / "model")
+    assert out.unet.state_dict()["label_emb.0.2.weight"].abs().sum() > 0  # the new path learned

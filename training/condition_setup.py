@@ -7,7 +7,8 @@
 
 Conditions a loaded model already has are kept (a run's entry with the same name must match its type and args);
 new ones are created beside it. A new control (ControlNet) starts from the base U-Net's encoder; a new condition
-that widens the U-Net's inputs (context, vector, concat) needs a model trained from scratch (a preset or YAML).
+that widens the U-Net's inputs (context, vector, concat) gets zero-initialised input weights (InstructPix2Pix's
+recipe, ldm/conditions/widen.py), so a fine-tune starts from exactly the loaded model.
 Dropout: each condition is dropped independently, sample by sample, with its own ``drop`` probability, from the
 stream keyed by (seed, epoch, row, "cond/NAME") (training/conditions.py), so N processes drop what one would.
 """
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ldm.conditions import ConditionSpec, ConditionStack, Env, condition_type
+from ldm.conditions.widen import widen_unet
 from ldm.model_config import ModelConfig
 
 from .conditions import drop_flags
@@ -71,20 +73,23 @@ def scratch_config(model_cfg: ModelConfig, specs: list[ConditionSpec]) -> ModelC
 
 
 def add_to_loaded(bundle, specs: list[ConditionSpec], seed: int) -> None:
-    """New conditions beside a loaded model: controls only (they leave the U-Net's inputs as they are)."""
+    """New conditions beside a loaded model. Controls start from its U-Net's encoder; conditions that widen the
+    U-Net's inputs get zero-initialised input weights (ldm/conditions/widen.py), so training starts from the model
+    exactly as it was."""
     cfg = bundle.config
     merged = merged_conditions(cfg.conditions, specs)
     new = [s for s in merged if s.name not in {c.name for c in cfg.conditions}]
     if not new and merged == cfg.conditions:
         return
-    widths = cfg.condition_widths()
     grown = cfg.with_conditions(merged)
-    if grown.unet != cfg.unet:
-        wider = [s.name for s in new if condition_type(s).enters in ("context", "vector", "concat")]
-        raise ValueError(f"conditions[{wider[0] if wider else new[0].name}]: enters the U-Net's inputs, which a "
-                         f"trained U-Net ({widths}) cannot grow here; train it with a model from scratch (a preset or a "
-                         f"model YAML), or use a control type (controlnet, t2i_adapter)")  # fmt: skip
     torch.manual_seed(seed)
+    if grown.unet != cfg.unet:  # new inputs: zero-initialised, so training starts from the model as it was
+        controls = [s.name for s in cfg.conditions if condition_type(s).enters in ("control", "adapter")]
+        if controls:
+            raise ValueError(f"conditions: this model's controls ({', '.join(controls)}) copy the U-Net's input "
+                             f"shapes, so its inputs cannot grow for {', '.join(s.name for s in new)}; add the new "
+                             f"conditions to the base model first")  # fmt: skip
+        bundle.unet = widen_unet(bundle.unet, grown.unet)
     stack = ConditionStack(merged, grown)
     if bundle.conditions is not None:
         stack.load_state_dict(bundle.conditions.state_dict(), strict=False)
