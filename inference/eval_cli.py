@@ -11,6 +11,13 @@ position and relation. The prompts of each set get seeds ``--seed + i`` (i = the
 file), so a run reproduces, and ``--prompts both`` measures exactly the images of ``single`` and ``relation``.
 Suites are registered in inference/evaluate.py (``SUITES``); see docs/eval.md for the report's layout.
 
+The ``cifar10`` suite (inference/cifar_eval.py) prompts "a photo of a {class}" ``--n`` times per class and scores the
+images with the project's CIFAR-10 classifier (``--classifier``, from ``python -m training.classifier``): prompted-
+class accuracy and FD-cls against the test split of ``--data``; ``--baselines`` and ``--vae-psnr`` add reference
+numbers:
+
+    ldm eval --suite cifar10 --model runs/cifar/final --classifier runs/cifar10-classifier --n 200 --baselines
+
 Every argument is checked before the model is loaded; a bad one is one line ``ldm eval: error: ...`` (exit code 2).
 Nothing heavy is imported at import time, so ``ldm --help`` stays fast.
 """
@@ -28,6 +35,7 @@ from .generate_cli import check_device, one_line_error
 
 ALL_KINDS = "both"  # --prompts value meaning every prompt set of the suite
 DEFAULT_N = 200
+DEFAULT_DATA = "../shared/data/cifar10"  # or $LDM_DATA/cifar10
 GRID_IMAGES = 16  # the first images of each kind shown in grid-<kind>.png
 REPORT = "adherence.json"
 
@@ -78,6 +86,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="network dtype (default: %(default)s)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar (default: a bar on stderr)")
+    g = p.add_argument_group("cifar10 suite", "options of --suite cifar10 only (--n: images per class)")
+    g.add_argument("--classifier", metavar="PATH", help="the CIFAR-10 classifier: a folder written by "
+                   "`python -m training.classifier` or its classifier.safetensors (required by --suite cifar10)")
+    g.add_argument("--data", metavar="DIR", help="the CIFAR-10 folder with test.parquet (and train.parquet for "
+                   f"--baselines) (default: $LDM_DATA/cifar10 if LDM_DATA is set, else {DEFAULT_DATA})")
+    g.add_argument("--baselines", action="store_true", help="also score, the same way, as many real training "
+                   "images as samples (same classes) and the same prompts and seeds sampled at cfg scale 1")
+    g.add_argument("--vae-psnr", action="store_true", help="also measure the model VAE's reconstruction PSNR "
+                   "(posterior mean) on the test split")
 
 
 # ------------------------------------------------------------------------------------------------ the request
@@ -102,6 +119,7 @@ class Settings:
     device: str
     dtype: str
     quiet: bool
+    options: dict | None = None  # the suite's own options (Suite.options): name -> value
 
 
 def resolve(args: argparse.Namespace) -> Settings:
@@ -126,12 +144,46 @@ def resolve(args: argparse.Namespace) -> Settings:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
+    options = _suite_options(suite, args)
     return Settings(
         suite=suite.name, model=model, prompts_from=args.prompts, prompt_sets=prompt_sets,
         prompt_seed=args.prompt_seed, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
         seed=args.seed, batch_size=args.batch_size, resolution=args.resolution, out=out,
-        device=_device(args.device), dtype=args.dtype, quiet=args.quiet,
+        device=_device(args.device), dtype=args.dtype, quiet=args.quiet, options=options,
     )  # fmt: skip
+
+
+SUITE_FLAGS = {"classifier": "--classifier", "data": "--data", "baselines": "--baselines", "vae_psnr": "--vae-psnr"}
+
+
+def _suite_options(suite, args: argparse.Namespace) -> dict | None:
+    """The checked options of suites that take them (cifar10); ValueError naming a flag given to another suite."""
+    given = [flag for name, flag in SUITE_FLAGS.items() if getattr(args, name, None) not in (None, False)]
+    if not suite.options:
+        if given:
+            raise ValueError(f"{given[0]}: only for --suite cifar10 (this is --suite {suite.name})")
+        return None
+    import os  # noqa: PLC0415
+
+    from ldm.checkpoint import read_metadata  # noqa: PLC0415 - torch: only for this suite
+    from ldm.metrics.cifar_net import classifier_weights  # noqa: PLC0415
+
+    from .cifar_eval import check_data  # noqa: PLC0415
+
+    if args.classifier is None:
+        raise ValueError(f"--classifier: required by --suite {suite.name} (train one: python -m training.classifier "
+                         "--data ../shared/data/cifar10 --out runs/cifar10-classifier)")  # fmt: skip
+    try:
+        classifier = classifier_weights(args.classifier)
+        if "config" not in read_metadata(classifier):
+            raise ValueError(f"{classifier}: no classifier config in its metadata (not written by "
+                             "training.classifier)")  # fmt: skip
+    except ValueError as e:
+        raise ValueError(f"--classifier {e}") from None
+    data = Path(args.data if args.data else Path(os.environ["LDM_DATA"]) / "cifar10" if os.environ.get("LDM_DATA")
+                else DEFAULT_DATA)  # fmt: skip
+    check_data(data, args.baselines)
+    return {"classifier": classifier, "data": data, "baselines": args.baselines, "vae_psnr": args.vae_psnr}
 
 
 def _check_sampler(name: str) -> None:
@@ -253,12 +305,14 @@ def evaluate(req: Settings) -> int:
         prompts += names
         seeds += [req.seed + i for i in range(len(names))]
     started = time.perf_counter()
-    result = suite.evaluate(pipe, prompts, seed=seeds, progress=not req.quiet, **sampling)
+    result = suite.evaluate(pipe, prompts, seed=seeds, progress=not req.quiet, **sampling, **(req.options or {}))
     elapsed = time.perf_counter() - started
 
     print(f"ldm eval: {req.suite} suite, {len(prompts)} images of {resolution} px from {pipe.name or req.model} "
           f"({req.sampler}, {req.steps} steps, cfg {req.cfg_scale}, seed {req.seed}), {elapsed:.0f} s")  # fmt: skip
     print(table(result, suite.columns))
+    for line in suite.footer(result) if suite.footer else ():
+        print(line)
     req.out.mkdir(parents=True, exist_ok=True)
     report = req.out / REPORT
     report.write_text(json.dumps(_report(req, pipe, resolution, result, elapsed), indent=1) + "\n")
@@ -276,7 +330,8 @@ def _report(req: Settings, pipe, resolution: int, result: dict, elapsed: float) 
         "settings": {"prompts": req.prompts_from, "n": {k: len(v) for k, v in req.prompt_sets.items()},
                      "prompt_seed": req.prompt_seed, "sampler": req.sampler, "steps": req.steps,
                      "cfg_scale": req.cfg_scale, "seed": req.seed, "batch_size": req.batch_size,
-                     "resolution": resolution, "device": req.device, "dtype": req.dtype},  # fmt: skip
+                     "resolution": resolution, "device": req.device, "dtype": req.dtype,
+                     **{k: str(v) if isinstance(v, Path) else v for k, v in (req.options or {}).items()}},  # fmt: skip
         "seconds": round(elapsed, 3),
         "summary": summary,
         "scores": result["scores"],
@@ -306,6 +361,7 @@ def write_grids(result: dict, columns, out: Path) -> dict[str, Path]:
         picked = [(im, row) for im, row in zip(result["images"], result["scores"]) if row["kind"] == kind]
         picked = picked[:GRID_IMAGES]
         labels = [row["prompt"] + "\n" + ("ok" if row["ok"] else "wrong: " + ", ".join(failed_checks(row, columns)))
+                  + (f"\nclassified: {row['predicted']}" if "predicted" in row else "")
                   for _, row in picked]  # fmt: skip
         grid = labelled_grid([im for im, _ in picked], labels, [bool(row["ok"]) for _, row in picked])
         written[kind] = out / f"grid-{kind}.png"

@@ -29,6 +29,8 @@ import textwrap
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from . import cifar_eval  # the cifar10 suite (imports nothing heavy at import time)
+
 GRID_TILE = 128  # px: each image of a labelled grid is scaled (nearest neighbour) to this side
 
 
@@ -128,6 +130,8 @@ class Suite:
     prompts: Callable[[str, int, int], list[str]]  # (kind, n, prompt_seed) -> n prompts
     check_prompt: Callable[[str], None]  # ValueError when a prompt (from a file) cannot be scored
     evaluate: Callable[..., dict]  # (pipe, prompts, **sampling) -> summary, by_kind, scores, seeds, images
+    options: tuple[str, ...] = ()  # extra keyword arguments of ``evaluate`` the command line passes (its flags)
+    footer: Callable[[dict], list[str]] | None = None  # lines printed under the table (numbers that are no fraction)
 
 
 def _shapes_prompts(kind: str, n: int, prompt_seed: int) -> list[str]:
@@ -152,6 +156,18 @@ SUITES: dict[str, Suite] = {
         prompts=_shapes_prompts,
         check_prompt=_shapes_check,
         evaluate=evaluate_adherence,
+    ),
+    "cifar10": Suite(
+        name="cifar10",
+        description="class prompts of CIFAR-10 (\"a photo of a cat\"), scored by the project's CIFAR-10 classifier "
+        "(--classifier): prompted-class accuracy and FD-cls against the test split (--data)",
+        kinds=(cifar_eval.KIND,),
+        columns=(("ok", "class acc"),),
+        prompts=cifar_eval.class_prompts,
+        check_prompt=cifar_eval.check_class_prompt,
+        evaluate=cifar_eval.evaluate_cifar10,
+        options=("classifier", "data", "baselines", "vae_psnr"),
+        footer=cifar_eval.footer,
     ),
 }
 
