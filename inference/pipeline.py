@@ -141,6 +141,13 @@ class Pipeline:
         return next(self.bundle.unet.parameters()).dtype
 
     @property
+    def base_in_channels(self) -> int:
+        """The U-Net input channels this pipeline fills (latent, or an inpainting U-Net's latent + mask + masked
+        image); the channels of the model's further conditions (ldm/conditions/) come after them."""
+        cfg = self.bundle.config
+        return cfg.unet.in_channels - cfg.condition_widths()["concat"]
+
+    @property
     def factor(self) -> int:
         """Pixels per latent pixel (the VAE's downsampling factor: 8 for SD)."""
         return self.bundle.config.vae.downsample_factor
@@ -202,7 +209,7 @@ class Pipeline:
             _int("tile", tile, 1)
         if inpaint not in INPAINT_MODES:
             raise ValueError(f"inpaint: unknown {inpaint!r}; allowed: {', '.join(INPAINT_MODES)}")
-        latent_ch, in_ch = cfg.vae.latent_channels, cfg.unet.in_channels - cfg.condition_widths()["concat"]
+        latent_ch, in_ch = cfg.vae.latent_channels, self.base_in_channels
         if in_ch not in (latent_ch, 2 * latent_ch + 1):
             raise ValueError(f"model: a U-Net with {in_ch} input channels is not supported here (the latent's "
                              f"{latent_ch}, or {2 * latent_ch + 1} for an inpainting U-Net)")  # fmt: skip
@@ -333,7 +340,7 @@ class Pipeline:
         mask_lat = None
         if masks is not None:
             mask_lat = torch.cat([latent_mask(m, h, w) for m in masks]).to(device, dtype)  # (b, 1, h, w)
-        if self.bundle.config.unet.in_channels - self.bundle.config.condition_widths()["concat"] == 2 * c + 1:
+        if self.base_in_channels == 2 * c + 1:  # inpainting U-Net: + mask + masked image latent
             if masks is None:  # nothing is known: generate everywhere, over a blank (0) image
                 mask_lat = torch.ones(len(rows), 1, h, w, device=device, dtype=dtype)
                 masked = [torch.zeros(1, 3, req.height, req.width)] * len(rows)

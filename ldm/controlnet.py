@@ -102,10 +102,14 @@ class ControlNet(UNetEncoder):
         tool_add_control.py, diffusers' ControlNetModel.from_unet). Its zero convolutions and the hint encoder's
         last layer start at zero, so it adds nothing to the U-Net until trained."""
         net = cls(ControlNetConfig.from_unet(unet.cfg, **control_fields))
-        encoder = {k: v for k, v in unet.state_dict().items() if k.split(".")[0] in ENCODER_MODULES}
-        net.load_state_dict(encoder, strict=False)
+        net.copy_encoder(unet)
         p = next(unet.parameters())
         return net.to(device=p.device, dtype=p.dtype)
+
+    def copy_encoder(self, unet: UNet) -> None:
+        """Load ``unet``'s encoder weights (time_embed, label_emb, input_blocks, middle_block) into this network."""
+        encoder = {k: v for k, v in unet.state_dict().items() if k.split(".")[0] in ENCODER_MODULES}
+        self.load_state_dict(encoder, strict=False)
 
     def forward(
         self, x: Tensor, hint: Tensor, t: Tensor, cond: Cond | None = None, scale: float = 1.0

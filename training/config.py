@@ -336,8 +336,8 @@ class TrainConfig:
         if self.task == "unet" and not trains_something:
             raise ValueError("train_unet: false, and no LoRA, text towers or condition with train=true: nothing would "
                              "be trained")  # fmt: skip
-        if self.cache.latents and any(condition_type(s).value == "image" for s in self.conditions):
-            names = [s.name for s in self.conditions if condition_type(s).value == "image"]
+        names = [s.name for s in self.conditions if condition_type(s).value == "image"]
+        if self.cache.latents and names:
             raise ValueError(f"cache.latents: the image conditions ({', '.join(names)}) are cropped and flipped with "
                              f"each image, which cached latents do not follow; set cache.latents=false")  # fmt: skip
 

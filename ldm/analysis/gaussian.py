@@ -73,19 +73,19 @@ class GaussianFit:
 
     def teleport(self, x: Tensor, sigma_from, sigma_to) -> Tensor:
         """The exact probability-flow ODE solution from ``sigma_from`` to ``sigma_to`` (scalars or (B,))."""
+        return self._apply(x, *self._flow_gains(x, sigma_from, sigma_to), centre=True)
+
+    def ode_gain(self, v: Tensor, sigma_from, sigma_to) -> Tensor:
+        """How the flow maps a perturbation v (B, ...) of x at sigma_from to sigma_to (the ODE is affine in x)."""
+        return self._apply(v, *self._flow_gains(v, sigma_from, sigma_to), centre=False)
+
+    def _flow_gains(self, x: Tensor, sigma_from, sigma_to) -> tuple[Tensor, Tensor]:
+        """The flow's gains sqrt((lambda + b^2) / (lambda + a^2)): (B, r) along the eigenvectors, (B,) elsewhere."""
         a2 = self._sig(sigma_from, x)[:, None] ** 2
         b2 = self._sig(sigma_to, x)[:, None] ** 2
         lam = self.eigvals.clamp(min=NU_FLOOR).to(x.device)[None]
         nu = max(self.noise_var, NU_FLOOR)
-        return self._apply(x, ((lam + b2) / (lam + a2)).sqrt(), ((nu + b2) / (nu + a2)).sqrt()[:, 0], centre=True)
-
-    def ode_gain(self, v: Tensor, sigma_from, sigma_to) -> Tensor:
-        """How the flow maps a perturbation v (B, ...) of x at sigma_from to sigma_to (the ODE is affine in x)."""
-        a2 = self._sig(sigma_from, v)[:, None] ** 2
-        b2 = self._sig(sigma_to, v)[:, None] ** 2
-        lam = self.eigvals.clamp(min=NU_FLOOR).to(v.device)[None]
-        nu = max(self.noise_var, NU_FLOOR)
-        return self._apply(v, ((lam + b2) / (lam + a2)).sqrt(), ((nu + b2) / (nu + a2)).sqrt()[:, 0], centre=False)
+        return ((lam + b2) / (lam + a2)).sqrt(), ((nu + b2) / (nu + a2)).sqrt()[:, 0]
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """(n, *shape) float64 draws of N(mu, Sigma)."""

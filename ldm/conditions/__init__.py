@@ -11,7 +11,7 @@ tokens every other context condition is appended to.
 from .base import ENTRIES, REGISTRY, VALUES, Condition, Env, NoArgs, condition_type, register
 from .class_label import ClassLabel
 from .control import AdapterCondition, ControlNetCondition
-from .guidance import guided_branches, null_extra
+from .guidance import guided_branches
 from .image_concat import ImageConcat
 from .scalars import Scalars
 from .spec import ConditionSpec, check_specs
@@ -20,5 +20,5 @@ from .stack import KEEP, ConditionedUNet, ConditionStack, condition_widths, memb
 __all__ = [
     "ENTRIES", "KEEP", "REGISTRY", "VALUES", "AdapterCondition", "ClassLabel", "Condition", "ConditionSpec",
     "ConditionStack", "ConditionedUNet", "ControlNetCondition", "Env", "ImageConcat", "NoArgs", "Scalars",
-    "check_specs", "condition_type", "condition_widths", "guided_branches", "member_widths", "null_extra", "register",
+    "check_specs", "condition_type", "condition_widths", "guided_branches", "member_widths", "register",
 ]

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..controlnet import ENCODER_MODULES, ControlNet, ControlNetConfig
+from ..controlnet import ControlNet, ControlNetConfig
 from ..t2i_adapter import T2IAdapter, T2IAdapterConfig
 from .base import Condition, Env, register
 from .image_concat import check_image
@@ -98,8 +98,7 @@ class ControlNetCondition(Condition):
                                                          global_pool=self.args.global_pool))  # fmt: skip
 
     def init_from_unet(self, unet) -> None:
-        encoder = {k: v for k, v in unet.state_dict().items() if k.split(".")[0] in ENCODER_MODULES}
-        self.net.load_state_dict(encoder, strict=False)
+        self.net.copy_encoder(unet)
 
     def prepare(self, value, env: Env) -> Tensor:
         return hint_tensor(value, self.spec.where, self.args.hint_channels, env, self.net.cfg.hint_factor)

@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence
 
-import torch
-
 from ..conditioning import Cond
 from .stack import KEEP
 
@@ -45,10 +43,3 @@ def guided_branches(cond: Cond, uncond: Cond, guided: Sequence[str], scales: Seq
     conds.append(branch(cond, set(guided)))
     return conds, [float(s) for s in scales] + [float(text_scale)]
 
-
-def null_extra(extra: dict[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``extra`` with the conditions ``names`` switched off (keep 0)."""
-    out = dict(extra)
-    for n in names:
-        out[n + KEEP] = torch.zeros_like(extra[n + KEEP])
-    return out
