@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 CAL_STEPS = int(os.environ.get("LDM_CAL_STEPS", 60))
-SOURCES = {"cifar10": "cifar10/train.parquet", "openmoji": "openmoji", "shapes": None}
+SOURCES = {"cifar10": "cifar10/train.parquet", "openmoji": "openmoji", "shapes": None,
+           "openmoji-finetune": "openmoji", "openmoji-scratch": "openmoji"}
+VAE_OF = {"openmoji-finetune": "cifar10", "openmoji-scratch": "cifar10"}  # U-Net jobs on another job's VAE
 
 
 def command(job: str, stage: str, data: Path, out_dir: Path, extra: list[str]) -> list[str]:
@@ -57,7 +59,7 @@ def main() -> int:
     extra = {job: [s.split(":", 1)[1] for s in a.set if s.startswith(job + ":")] for job in a.jobs}
     if a.stage == "unet":
         for job in a.jobs:
-            extra[job].append(f"model.vae={a.vae_from / f'{job}-vae' / 'model-ema'}")
+            extra[job].append(f"model.vae={a.vae_from / f'{VAE_OF.get(job, job)}-vae' / 'model-ema'}")
 
     # 1. calibration, all jobs at once
     cal = {}
@@ -83,7 +85,8 @@ def main() -> int:
     # 2. the real runs, sized to the time left
     procs, cmds = {}, []
     for job in a.jobs:
-        steps = int(left * speeds[job] * 0.9) // 100 * 100
+        steps = int(left * speeds[job] * 0.9)
+        steps = steps // 100 * 100 if steps >= 1000 else max(steps, 4)  # round numbers; a few steps in smoke runs
         name = f"{job}-vae" if a.stage == "vae" else job
         run = a.runs / name
         shutil.rmtree(run, ignore_errors=True)

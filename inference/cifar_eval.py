@@ -74,7 +74,8 @@ def _scored(net, images, targets, test_stats) -> tuple[dict, object]:
 def evaluate_cifar10(pipe, prompts: Sequence[str], *, sampler: str = "dpmpp_2m", steps: int = 25,
                      cfg_scale: float = 7.5, seed: int | Sequence[int] = 0, batch_size: int = 16,
                      resolution: int | None = None, progress: bool = False, classifier=None, data=None,
-                     baselines: bool = False, vae_psnr: bool = False) -> dict:  # fmt: skip
+                     baselines: bool = False, vae_psnr: bool = False, teleport: float = 0.0,
+                     teleport_stats=None) -> dict:  # fmt: skip
     """Generate one image per class prompt and score it (module docstring). Returns the summary (``n``, ``ok``,
     ``fd_cls``, ``by_kind``, ``classifier``, [``baselines``], [``vae_psnr``]), ``scores`` (per image: ``prompt``,
     ``seed``, ``kind`` = prompted class, ``predicted``, ``ok``), ``seeds`` and ``images``."""
@@ -105,7 +106,8 @@ def evaluate_cifar10(pipe, prompts: Sequence[str], *, sampler: str = "dpmpp_2m",
     say(f"classifying the {len(test_y)} test images")
     test_feats, test_pred = embed(net, test_x)
     test_stats = feature_stats(test_feats)
-    sampling = dict(sampler=sampler, steps=steps, batch_size=batch_size, resolution=resolution, progress=progress)
+    sampling = dict(sampler=sampler, steps=steps, batch_size=batch_size, resolution=resolution, progress=progress,
+                    teleport=teleport, teleport_stats=teleport_stats)  # the cfg 1 baseline is teleported alike
     images = generate_images(pipe, prompts, seeds=seeds, cfg_scale=cfg_scale, **sampling)
     summary, preds = _scored(net, to_uint8(images), targets, test_stats)
     summary["by_kind"] = {

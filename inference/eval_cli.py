@@ -83,6 +83,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "VAE's downsampling factor (default: the model's default size)")  # fmt: skip
     p.add_argument("--out", default="outputs/eval", metavar="DIR", help=f"folder for {REPORT} and "
                    "grid-<kind>.png; files of an earlier run there are replaced (default: %(default)s/)")  # fmt: skip
+    p.add_argument("--teleport", type=float, default=0.0, metavar="F", help="analytical teleportation: replace "
+                   "this fraction of the steps by the closed-form solution of the data's Gaussian (docs/analysis.md); "
+                   "needs --teleport-stats (default: %(default)s, off)")  # fmt: skip
+    p.add_argument("--teleport-stats", metavar="FILE", help="the Gaussian statistics `ldm analyze` writes "
+                   "(gaussian.safetensors) for --teleport")  # fmt: skip
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="network dtype (default: %(default)s)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar (default: a bar on stderr)")
@@ -120,6 +125,8 @@ class Settings:
     dtype: str
     quiet: bool
     options: dict | None = None  # the suite's own options (Suite.options): name -> value
+    teleport: float = 0.0  # fraction of the steps teleported (0: off)
+    teleport_stats: Path | None = None
 
 
 def resolve(args: argparse.Namespace) -> Settings:
@@ -145,12 +152,28 @@ def resolve(args: argparse.Namespace) -> Settings:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
     options = _suite_options(suite, args)
+    teleport, stats = _check_teleport(args)
     return Settings(
         suite=suite.name, model=model, prompts_from=args.prompts, prompt_sets=prompt_sets,
         prompt_seed=args.prompt_seed, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
         seed=args.seed, batch_size=args.batch_size, resolution=args.resolution, out=out,
-        device=_device(args.device), dtype=args.dtype, quiet=args.quiet, options=options,
+        device=_device(args.device), dtype=args.dtype, quiet=args.quiet, options=options, teleport=teleport,
+        teleport_stats=stats,
     )  # fmt: skip
+
+
+def _check_teleport(args: argparse.Namespace) -> tuple[float, Path | None]:
+    import math  # noqa: PLC0415
+
+    fraction = getattr(args, "teleport", 0.0) or 0.0
+    stats = getattr(args, "teleport_stats", None)
+    if not (math.isfinite(fraction) and 0 <= fraction < 1):
+        raise ValueError(f"--teleport: a fraction of the steps in [0, 1), got {fraction}")
+    if fraction > 0 and stats is None:
+        raise ValueError("--teleport-stats: required by --teleport (ldm analyze writes gaussian.safetensors)")
+    if stats is not None and not Path(stats).is_file():
+        raise ValueError(f"--teleport-stats {stats}: no such file")
+    return fraction, Path(stats) if stats is not None else None
 
 
 SUITE_FLAGS = {"classifier": "--classifier", "data": "--data", "baselines": "--baselines", "vae_psnr": "--vae-psnr"}
@@ -293,6 +316,8 @@ def evaluate(req: Settings) -> int:
     resolution = req.resolution or pipe.default_size[0]
     sampling = dict(sampler=req.sampler, steps=req.steps, cfg_scale=req.cfg_scale, batch_size=req.batch_size,
                     resolution=resolution)  # fmt: skip
+    if req.teleport:
+        sampling.update(teleport=req.teleport, teleport_stats=req.teleport_stats)
     first = next(iter(req.prompt_sets.values()))[:1]
     try:  # before any step; catches what only the loaded model knows (the VAE factor of a single file)
         pipe.check(prompt=first, seed=req.seed, steps=req.steps, sampler=req.sampler, cfg_scale=req.cfg_scale,
@@ -309,7 +334,8 @@ def evaluate(req: Settings) -> int:
     elapsed = time.perf_counter() - started
 
     print(f"ldm eval: {req.suite} suite, {len(prompts)} images of {resolution} px from {pipe.name or req.model} "
-          f"({req.sampler}, {req.steps} steps, cfg {req.cfg_scale}, seed {req.seed}), {elapsed:.0f} s")  # fmt: skip
+          f"({req.sampler}, {req.steps} steps, cfg {req.cfg_scale}, seed {req.seed}"
+          + (f", teleport {req.teleport}" if req.teleport else "") + f"), {elapsed:.0f} s")  # fmt: skip
     print(table(result, suite.columns))
     for line in suite.footer(result) if suite.footer else ():
         print(line)
@@ -330,7 +356,8 @@ def _report(req: Settings, pipe, resolution: int, result: dict, elapsed: float) 
         "settings": {"prompts": req.prompts_from, "n": {k: len(v) for k, v in req.prompt_sets.items()},
                      "prompt_seed": req.prompt_seed, "sampler": req.sampler, "steps": req.steps,
                      "cfg_scale": req.cfg_scale, "seed": req.seed, "batch_size": req.batch_size,
-                     "resolution": resolution, "device": req.device, "dtype": req.dtype,
+                     "resolution": resolution, "device": req.device, "dtype": req.dtype, "teleport": req.teleport,
+                     "teleport_stats": None if req.teleport_stats is None else str(req.teleport_stats),
                      **{k: str(v) if isinstance(v, Path) else v for k, v in (req.options or {}).items()}},  # fmt: skip
         "seconds": round(elapsed, 3),
         "summary": summary,

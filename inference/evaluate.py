@@ -39,9 +39,10 @@ GRID_TILE = 128  # px: each image of a labelled grid is scaled (nearest neighbou
 
 def generate_images(pipe, prompts: Sequence[str], *, seeds: Sequence[int], sampler: str = "dpmpp_2m",
                     steps: int = 25, cfg_scale: float = 7.5, batch_size: int = 16, resolution: int | None = None,
-                    progress: bool = False) -> list:  # fmt: skip
+                    progress: bool = False, teleport: float = 0.0, teleport_stats=None) -> list:  # fmt: skip
     """One square PIL image per prompt, image i from ``seeds[i]``, ``batch_size`` per pipeline call.
-    ``resolution``: the side in pixels (default: the model's default size)."""
+    ``resolution``: the side in pixels (default: the model's default size). ``teleport`` / ``teleport_stats``: the
+    pipeline's analytical teleportation (that fraction of the steps replaced by the closed-form Gaussian solution)."""
     from tqdm import tqdm  # noqa: PLC0415
 
     prompts, seeds = list(prompts), list(seeds)
@@ -51,6 +52,8 @@ def generate_images(pipe, prompts: Sequence[str], *, seeds: Sequence[int], sampl
         raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
     side = pipe.default_size[0] if resolution is None else resolution
     kwargs = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, width=side, height=side, n=1)
+    if teleport:
+        kwargs.update(teleport=teleport, teleport_stats=teleport_stats)
     starts = range(0, len(prompts), batch_size)
     bar = tqdm(total=len(starts) * steps, unit="step", desc="generating", disable=not progress, file=sys.stderr)
     images = []
@@ -73,7 +76,8 @@ def generate_images(pipe, prompts: Sequence[str], *, seeds: Sequence[int], sampl
 
 def evaluate_adherence(pipe, prompts: Sequence[str], *, sampler: str = "dpmpp_2m", steps: int = 25,
                        cfg_scale: float = 7.5, seed: int | Sequence[int] = 0, batch_size: int = 16,
-                       resolution: int | None = None, progress: bool = False) -> dict:  # fmt: skip
+                       resolution: int | None = None, progress: bool = False, teleport: float = 0.0,
+                       teleport_stats=None) -> dict:  # fmt: skip
     """Generate one image per prompt of the shapes grammar and score it with ldm.shapes.adherence.
 
     ``seed``: image i gets ``seed + i``, or ``seed[i]`` for a list. Returns the checker's summary (the fraction of
@@ -85,7 +89,8 @@ def evaluate_adherence(pipe, prompts: Sequence[str], *, sampler: str = "dpmpp_2m
     prompts = _prompt_list(prompts)
     seeds = _seed_list(seed, len(prompts))
     images = generate_images(pipe, prompts, seeds=seeds, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                             batch_size=batch_size, resolution=resolution, progress=progress)  # fmt: skip
+                             batch_size=batch_size, resolution=resolution, progress=progress, teleport=teleport,
+                             teleport_stats=teleport_stats)  # fmt: skip
     if progress:
         print(f"scoring {len(images)} images", file=sys.stderr, flush=True)
     summary = adherence(prompts, images)

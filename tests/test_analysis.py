@@ -297,3 +297,62 @@ def test_ldm_analyze_end_to_end_on_the_default_model(tmp_path):
     for name in ("geometry", "bands", "perturbation", "teleport", "x0"):
         assert (out / f"analysis-{name}.png").is_file()
     assert main(["analyze", "--sampler", "euler_ancestral", "--out", str(out)]) == 2  # stochastic: refused
+
+
+def test_ldm_eval_teleport_option_is_the_pipelines(tmp_path, capsys):
+    """``ldm eval --teleport F --teleport-stats FILE`` hands F and FILE to every pipeline call, and the suites'
+    images are then the pipeline's own teleported images (which differ from plain ones); bad values stop the command
+    before the model loads."""
+    import json
+
+    import numpy as np
+
+    from inference import eval_cli
+    from inference.pipeline import Pipeline
+    from ldm.bundle import Bundle, save_bundle
+    from ldm.cli import main
+    from ldm.model_config import ModelConfig
+    from ldm.shapes import prompt_set
+
+    save_bundle(Bundle(ModelConfig.tiny("sd1")), tmp_path / "m")
+    pipe = Pipeline.load(tmp_path / "m")
+    shape = (pipe.bundle.config.vae.latent_channels, 32 // pipe.factor, 32 // pipe.factor)
+    g = torch.Generator().manual_seed(0)
+    stats = tmp_path / "g.safetensors"
+    save_gaussian(fit_gaussian(torch.randn(40, *shape, generator=g, dtype=torch.float64) * 0.7, rank=8), stats)
+    calls = []
+
+    class Recording(Pipeline):
+        def __call__(self, *args, **kwargs):
+            calls.append(kwargs)
+            return super().__call__(*args, **kwargs)
+
+    argv = ["eval", "--model", tmp_path / "m", "--prompts", "single", "--n", 3, "--steps", 4, "--sampler", "euler",
+            "--cfg-scale", 3, "--resolution", 32, "--batch-size", 2, "--device", "cpu", "--teleport", 0.75,
+            "--teleport-stats", stats, "--out", tmp_path / "ev", "-q"]  # fmt: skip
+    real_load = eval_cli.load_pipeline
+    eval_cli.load_pipeline = lambda path, **kw: Recording.load(path, **kw)
+    try:
+        assert main([*map(str, argv)]) == 0
+    finally:
+        eval_cli.load_pipeline = real_load
+    assert len(calls) == 2 and all(c["teleport"] == 0.75 and c["teleport_stats"] == stats for c in calls)
+    report = json.loads((tmp_path / "ev" / "adherence.json").read_text())
+    assert report["settings"]["teleport"] == 0.75 and report["settings"]["teleport_stats"] == str(stats)
+    assert "teleport 0.75" in capsys.readouterr().out
+
+    prompts = prompt_set("single", 2)
+    kw = dict(steps=4, sampler="euler", cfg_scale=3.0)
+    got = eval_cli.SUITES["shapes"].evaluate(pipe, prompts, seed=[5, 6], resolution=32, teleport=0.75,
+                                             teleport_stats=stats, **kw)["images"]  # fmt: skip
+    for prompt, seed, image in zip(prompts, (5, 6), got):
+        want = pipe(prompt, seed=[seed], width=32, height=32, teleport=0.75, teleport_stats=stats, **kw).images[0]
+        plain = pipe(prompt, seed=[seed], width=32, height=32, **kw).images[0]
+        assert np.array_equal(np.asarray(image), np.asarray(want))
+        assert not np.array_equal(np.asarray(want), np.asarray(plain))
+    for extra, message in ((["--teleport", "0.5"], "--teleport-stats: required by --teleport"),
+                           (["--teleport", "1"], "--teleport: a fraction of the steps in [0, 1)"),
+                           (["--teleport", "0.5", "--teleport-stats", tmp_path / "no"], "no such file")):  # fmt: skip
+        code = main(["eval", "--model", str(tmp_path / "m"), *map(str, extra)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, err

@@ -186,7 +186,7 @@ def test_command_end_to_end_on_a_tiny_model(tiny_model, tmp_path, monkeypatch, c
     assert report["model"] == {"path": str(tiny_model), "name": "tiny", "hash": model_hash(tiny_model)}
     assert report["settings"] == dict(prompts="both", n={"single": 4, "relation": 4}, prompt_seed=0, sampler="euler",
                                       steps=2, cfg_scale=3.0, seed=5, batch_size=3, resolution=32, device="cpu",
-                                      dtype="fp32")  # fmt: skip
+                                      dtype="fp32", teleport=0.0, teleport_stats=None)  # fmt: skip
     scores = report["scores"]
     assert [r["prompt"] for r in scores] == prompt_set("single", 4) + prompt_set("relation", 4)
     assert [r["seed"] for r in scores] == [5, 6, 7, 8] * 2  # each set's seeds start at --seed
