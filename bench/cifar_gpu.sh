@@ -18,6 +18,10 @@ if [ "${SMOKE:-0}" = 1 ]; then
          openmoji-scratch:data.max_samples=32 openmoji-finetune:data.num_workers=0 openmoji-scratch:data.num_workers=0
          openmoji-finetune:validation.every=0 openmoji-scratch:validation.every=0)
   CFGS="1.5 3"; FRACS="0.24"; PNGS=300; GRID=2; AN="--n 2 --steps 4"; STEPS=5
+elif [ "${SHORT:-0}" = 1 ]; then  # what fitted the device time left after the shuffling fix (docs/results.md)
+  VAE_S=150 UNET_S=380 OM_S=240 MARGIN=40 N=1000 NT=200 BS=1000 DEV=cuda CLF="--epochs 24 --batch-size 512"
+  SMALL=(cifar10:batch_size=512 cifar10:optim.lr=5e-4 cifar10:lr_schedule.warmup_steps=200) OMSET=()
+  CFGS="3 2 4 6"; FRACS="0.24"; PNGS=5000; GRID=10; AN="--n 10 --steps 25"; STEPS=25; NC=200
 else
   VAE_S=${VAE_S:-240} UNET_S=${UNET_S:-660} OM_S=${OM_S:-400} MARGIN=75 N=1000 NT=500 BS=1000 DEV=cuda CLF="--epochs 24 --batch-size 512"
   SMALL=(cifar10:batch_size=256) OMSET=()
@@ -52,8 +56,8 @@ python3 bench/cifar_pngs.py --data $D/cifar10 --n $PNGS --out /tmp/cifar-png > /
 an --model $M --prompts bench/cifar10_prompts.txt $AN --cfg-scale 3 --data /tmp/cifar-png --data-n $PNGS \
   --teleport-n 0 --device $DEV --out $R/analyze > $R/analyze.txt 2>&1; stage "analyze: exit $?"
 for cfg in $CFGS; do
-  extra=(); [ $cfg = 3 ] && extra=(--baselines --vae-psnr)
-  ev "${E[@]}" --n $N --cfg-scale $cfg "${extra[@]}" --out $R/eval-cfg$cfg > $R/eval-cfg$cfg.txt 2>&1
+  extra=(); n=${NC:-$N}; [ $cfg = 3 ] && extra=(--baselines --vae-psnr) && n=$N
+  ev "${E[@]}" --n $n --cfg-scale $cfg "${extra[@]}" --out $R/eval-cfg$cfg > $R/eval-cfg$cfg.txt 2>&1
   stage "eval cfg $cfg: exit $?"
 done
 python3 bench/sample_grid.py --model $M --prompts cifar10 --seeds $GRID --steps $STEPS --cfg-scale 3 --device $DEV --out $R/grid-cifar10-cfg3.png

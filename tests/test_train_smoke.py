@@ -215,3 +215,25 @@ def test_trains_on_a_local_image_folder_with_a_bad_file(tmp_path):
     result = train(cfg)
     assert result["state"].step == 3 and all(math.isfinite(v) for v in result["losses"].values())
     assert load_bundle(tmp_path / "out" / "model").config.family == "sd1"
+
+
+def test_cached_latents_draw_the_same_shuffled_batches_as_images(tmp_path):
+    """A latent cache changes how images are prepared (evaluation transform), never the batch order: a dataset sorted
+    by class (CIFAR-10's parquet is) must still be drawn in random batches, else each batch holds one class and the
+    model learns the data order instead of the captions (the bug behind docs/results.md's first CIFAR-10 runs)."""
+    from training.train_data import CachedLatentRows, train_rows
+
+    def batches(*overrides):
+        cfg = tiny_config(tmp_path / "o", "shapes.rows=64", *overrides)
+        rows = train_rows(cfg, open_train_dataset(cfg))
+        if cfg.cache.latents:
+            rows = CachedLatentRows(rows, [None] * len(rows), seed=0)
+        sampler = rows.batch_sampler(8, num_replicas=1, rank=0)
+        sampler.set_epoch(1)
+        return [list(b) for b in sampler]
+
+    plain, cached = batches(), batches("cache.latents=true")
+    assert cached == plain
+    flat = [i for b in cached for i in b]
+    assert sorted(flat) == list(range(64)) and flat != list(range(64))
+    assert any(max(b) - min(b) > 8 for b in cached)  # batches mix rows from all over the dataset

@@ -48,10 +48,12 @@ def open_train_dataset(cfg: TrainConfig):
 
 
 class IndexedRows(Dataset):
-    """Rows of an ImageCaptionDataset with their index added (``ROW_INDEX``)."""
+    """Rows of an ImageCaptionDataset with their index added (``ROW_INDEX``). ``shuffle``: the batch order is a
+    seeded permutation per epoch (training), else the rows' order; it is independent of the transform, so rows
+    prepared with the evaluation transform for the latent cache are still drawn in random batches."""
 
-    def __init__(self, rows: ImageCaptionDataset):
-        self.rows = rows
+    def __init__(self, rows: ImageCaptionDataset, shuffle: bool = True):
+        self.rows, self.shuffle = rows, shuffle
 
     def set_epoch(self, epoch: int) -> None:
         self.rows.set_epoch(epoch)
@@ -64,14 +66,15 @@ class IndexedRows(Dataset):
         return {**row, ROW_INDEX: index} if isinstance(row, dict) else row
 
     def batch_sampler(self, batch_size: int, *, num_replicas: int, rank: int):
-        return self.rows.batch_sampler(batch_size, num_replicas=num_replicas, rank=rank)
+        return self.rows.batch_sampler(batch_size, num_replicas=num_replicas, rank=rank, shuffle=self.shuffle)
 
 
 def train_rows(cfg: TrainConfig, hf_dataset=None, eval_transform: bool = False) -> IndexedRows:
     """The training rows; with ``cache.latents`` (or ``eval_transform``) the images are prepared with the
     evaluation transform (centre crop, no flip)."""
     hf_dataset = open_train_dataset(cfg) if hf_dataset is None else hf_dataset
-    return IndexedRows(ImageCaptionDataset(hf_dataset, cfg.data, train=not (cfg.cache.latents or eval_transform)))
+    rows = ImageCaptionDataset(hf_dataset, cfg.data, train=not (cfg.cache.latents or eval_transform))
+    return IndexedRows(rows, shuffle=not eval_transform)  # cached latents: evaluation transform, shuffled batches
 
 
 class _EpochRows(Dataset):
