@@ -34,9 +34,6 @@ SDPA_KERNELS = {
     "math": SDPBackend.MATH,
     "fastest": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                 SDPBackend.MATH],  # in this order of preference
-    # training's "fastest" (ldm/speed.py): cuDNN's bf16 SDPA *backward* is left out (docs/results.md: a text-to-image
-    # run on the H200 learned no text conditioning with it; flash and memory-efficient backward are the safe ones)
-    "no_cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
 }
 
 

@@ -326,10 +326,18 @@ def _origin_of(origins: dict[str, str], key: str) -> str:
     return "; ".join(dict.fromkeys(reversed(hits)))
 
 
+# YAML 1.1 reads an unquoted no / off / yes / on as a boolean, which a str field then holds as "False" / "True"
+BOOL_WORDS = {"False": ("no", "off", "false"), "True": ("yes", "on", "true")}
+
+
 def _validate_choices(cls: type, cfg: DictConfig, prefix: str, origins: dict[str, str]) -> None:
     for name, (f, tp) in _fields(cls).items():
         key = _join(prefix, name)
         allowed = choices_of(f)
+        if allowed is not None and cfg[name] not in allowed and isinstance(cfg[name], str):
+            word = next((w for w in BOOL_WORDS.get(cfg[name], ()) if w in allowed), None)
+            if word is not None:  # mixed_precision=no meant the choice "no", not a boolean
+                cfg[name] = word
         if allowed is not None and cfg[name] not in allowed:
             raise _choice_error(key, cfg[name], allowed, _type_name(tp), _origin_of(origins, key))
         sub = _section_type(tp)

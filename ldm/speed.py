@@ -11,8 +11,7 @@ what it was.
     attention_kernel  fastest: SDPA with priority cuDNN > flash > memory-efficient > math (cuDNN measured 1.3-1.8x
                       faster than flash on the H200; the priority list falls through where cuDNN cannot run, e.g.
                       fp32); auto: PyTorch's own choice; or pin one (ldm/attention.py). On the CPU ``fastest`` keeps
-                      the U-Net's configured kernel. In training ``fastest`` is ``no_cudnn`` (flash > efficient > math):
-                      cuDNN's SDPA backward is not trusted there (ldm/attention.py).
+                      the U-Net's configured kernel.
     fused_qkv         one matmul for q, k, v of self-attention and one for k, v of cross-attention, through weights
                       concatenated once and cached (ldm/transformer.py, CrossAttention.fuse_projections).
                       Inference only: with gradients the separate projections run. auto: on with CUDA, inference.
@@ -76,8 +75,6 @@ class SpeedConfig:
         kernel = self.attention_kernel
         if kernel == "fastest" and not cuda:
             kernel = None  # keep the configured one
-        elif kernel == "fastest" and training:
-            kernel = "no_cudnn"  # inference keeps cuDNN first; its backward is not trusted (ldm/attention.py)
         return ResolvedSpeed(
             attention_kernel=kernel,
             fused_qkv=_auto(self.fused_qkv, cuda and not training),

@@ -186,3 +186,13 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5)
     shutil.rmtree(tmp_path / "home", ignore_errors=True)
+
+
+def test_yaml_boolean_words_mean_the_choice_they_spell():
+    """``mixed_precision=no`` (override or unquoted YAML) is read by YAML 1.1 as False; it means the choice "no"."""
+    from training.config import load_train_config
+
+    assert load_train_config(None, ["mixed_precision=no"]).mixed_precision == "no"
+    assert load_train_config({"mixed_precision": False}).mixed_precision == "no"
+    with pytest.raises(ValueError, match="mixed_precision: 'True' is not an allowed value"):
+        load_train_config(None, ["mixed_precision=yes"])  # no choice spells true

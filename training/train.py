@@ -227,10 +227,6 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     towers = TextTowers(bundle.text)
     if vae_step is None:
         apply_speed(bundle.unet, cfg.speed, training=True)  # ldm/speed.py: attention kernel, channels-last, compile
-    if device.type == "cuda" and cfg.speed.attention_kernel != "cudnn":
-        # torch's own SDPA choice (the text towers' attention, "auto") may be cuDNN, whose bf16 backward is not
-        # trusted (ldm/attention.py, docs/results.md); pinning speed.attention_kernel=cudnn keeps it on
-        torch.backends.cuda.enable_cudnn_sdp(False)
     sharded = dist.is_sharded(accelerator)
     if sharded:  # FSDP: the U-Net's parameters become shards (DTensors) before the optimizer and EMA see them
         named = dist.shard_bundle_unet(bundle, accelerator, weight_dtype)
