@@ -54,6 +54,7 @@ from ldm.samplers import SAMPLERS, Step, get_sampler, per_sample_noise, randn_pe
 from ldm.samplers.config import DEFAULT_CONVENTION, TAKES_ETA, SamplerConfig, make_sigmas, sampler_options
 from ldm.samplers.config import configured_sampler  # teleport (ldm/samplers/teleport.py)
 from ldm.schedule import SIGMA_SPACINGS
+from ldm.model_config import PUBLISHED_MODEL_CHANNELS
 from ldm.speed import SpeedConfig, apply_speed
 
 from .conditioning import PromptEncoder, vector_kind
@@ -64,7 +65,6 @@ from .metadata import GenerationParams, model_hash
 
 INPAINT_MODES = ("auto", "blend", "unet")
 PUBLISHED_SIZES = {"sd1": 512, "sd2": 768, "sdxl": 1024}  # sd2: the 768-v model; sd2 eps (base) is 512
-PUBLISHED_MODEL_CHANNELS = 320  # the U-Net width of every published SD 1.x / 2.x / XL model
 TEST_LATENT_SIZE = 8  # default latent side of other (test-sized) models
 MAX_SEED = 2**64
 
@@ -155,8 +155,12 @@ class Pipeline:
     @property
     def default_size(self) -> tuple[int, int]:
         """(width, height): 512 SD 1.x, 768 SD 2.x v (512 eps), 1024 SDXL, for the published U-Net width;
-        ``8 * factor`` (an 8 x 8 latent) for other, test-sized models."""
+        ``8 * factor`` (an 8 x 8 latent) for other, test-sized models; the size the model was trained at when its
+        config records one (``sample_size``, written by training)."""
         cfg = self.bundle.config
+        if cfg.sample_size is not None:
+            height, width = cfg.sample_size
+            return width, height
         if cfg.unet.model_channels == PUBLISHED_MODEL_CHANNELS:
             side = PUBLISHED_SIZES.get(cfg.family, 512)
             if cfg.family == "sd2" and cfg.diffusion.prediction != "v":

@@ -21,8 +21,9 @@ Per-tower overrides name the tower by index: ``text[0].heads=4``, ``text[1].laye
 """
 from __future__ import annotations
 
+
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from omegaconf import OmegaConf
 
@@ -47,6 +48,9 @@ def sdxl_size_embedding(sizes):
     return timestep_embedding(sizes.flatten().float(), SDXL_SIZE_EMBED_DIM).reshape(b, -1)
 
 
+PUBLISHED_MODEL_CHANNELS = 320  # the U-Net width of every published SD 1.x / 2.x / XL model
+
+
 @dataclass
 class ModelConfig:
     family: str = choice("sd1", *FAMILIES)
@@ -55,9 +59,17 @@ class ModelConfig:
     vae: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     text: list[TextEncoderConfig] = field(default_factory=lambda: [TextEncoderConfig.sd1()])
     conditions: list[ConditionSpec] = field(default_factory=list)
+    # [height, width] in pixels the model was trained at (training writes it); null: the family's published size,
+    # or an 8 x 8 latent for test-sized models. The pipeline's, ldm eval's and ldm analyze's default size.
+    sample_size: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.sample_size is not None:
+            size = list(self.sample_size)
+            if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in size):
+                raise ValueError(f"sample_size: [height, width], integers >= 8, or null; got {self.sample_size!r}")
+            self.sample_size = size
         self.conditions = check_specs(list(self.conditions))
         added = self.condition_widths()
         self.text = list(self.text)

@@ -237,3 +237,22 @@ def test_cached_latents_draw_the_same_shuffled_batches_as_images(tmp_path):
     flat = [i for b in cached for i in b]
     assert sorted(flat) == list(range(64)) and flat != list(range(64))
     assert any(max(b) - min(b) > 8 for b in cached)  # batches mix rows from all over the dataset
+
+
+def test_the_trained_size_becomes_the_default_size(tmp_path):
+    """A model trained at 24 px samples at 24 px by default (not at the 8 x 8-latent size of test-sized models:
+    a CIFAR-10 model trained at 32 px was evaluated at 16 px before), and the size survives the bundle's save."""
+    from inference.pipeline import Pipeline
+
+    cfg = tiny_config(tmp_path / "out", "data.resolution=24", "shapes.image_size=24", "max_steps=1", "ema.decay=0.9")
+    train(cfg)
+    for name in ("model", "model-ema"):
+        bundle = load_bundle(tmp_path / "out" / name)
+        assert bundle.config.sample_size == [24, 24]
+        pipe = Pipeline(bundle, name=name)
+        assert pipe.default_size == (24, 24)
+        assert pipe("a red circle", seed=[0], steps=1).images[0].size == (24, 24)
+    from ldm.bundle import Bundle
+
+    untrained = Pipeline(Bundle(build_bundle(cfg).config.__class__.tiny("sd1")), name="fresh")
+    assert untrained.default_size == (8 * untrained.factor,) * 2  # no recorded size: an 8 x 8 latent

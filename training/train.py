@@ -54,6 +54,7 @@ from ldm.config import save_config, to_yaml
 from ldm.ema import EMA
 from ldm.lora import inject_lora
 from ldm.loss import DiffusionLoss
+from ldm.model_config import PUBLISHED_MODEL_CHANNELS
 from ldm.speed import apply_speed
 
 from . import checkpointing as ckpt
@@ -93,7 +94,8 @@ class Trainable(nn.Module):
 
 def build_bundle(cfg: TrainConfig) -> Bundle:
     """From scratch (seeded random init, fp32 on the CPU) or loaded from a checkpoint (its stored dtypes); with
-    ``model.vae`` the VAE (weights and config) of another model replaces the bundle's."""
+    ``model.vae`` the VAE (weights and config) of another model replaces the bundle's. A model not of the published
+    width records the training size (``sample_size``), the size inference samples at by default."""
     if cfg.model.from_scratch:
         torch.manual_seed(cfg.seed)
         bundle = Bundle(scratch_config(cfg.model.model_config(), cfg.conditions)).eval()
@@ -109,6 +111,8 @@ def build_bundle(cfg: TrainConfig) -> Bundle:
                              f"the U-Net predicts {bundle.config.unet.out_channels}")  # fmt: skip
         bundle.vae = donor.vae.to(torch.float32)
         bundle.config = dataclasses.replace(bundle.config, vae=donor.config.vae)
+    if bundle.config.unet.model_channels != PUBLISHED_MODEL_CHANNELS:  # published widths keep their published size
+        bundle.config.sample_size = list(cfg.data.size)  # inference's default size (Pipeline.default_size)
     return bundle
 
 
