@@ -3,6 +3,8 @@
 # call (each call of the device tool is at most 10 minutes):
 #   call 1:  setsid nohup bash bench/cifar_gpu.sh > /tmp/cifar-run.log 2>&1 < /dev/null & bash bench/gpu_wait.sh 540
 #   later:   bash bench/gpu_wait.sh 560     (prints progress; packs /tmp/cifar into $OUT once it is done)
+# Issue each later call at once (the machine goes back after 30 s idle). The default needs ~36 min of one machine:
+# the first call must start the job, and the 4th call (started before the 30-minute hold ends) collects it.
 # Stages: (1) the CIFAR-10 classifier beside the CIFAR-10 VAE; (2) the CIFAR-10 U-Net + text tower; (3) beside the
 # OpenMoji fine-tune and its from-scratch baseline: ldm analyze (and the Gaussian for teleportation), ldm eval
 # --suite cifar10 at cfg 1.5-6 with 10,000 samples, the teleportation sweep with 5,000, sample grids.
@@ -22,10 +24,11 @@ elif [ "${SHORT:-0}" = 1 ]; then  # what fitted the device time left after the s
   VAE_S=150 UNET_S=380 OM_S=240 MARGIN=40 N=1000 NT=200 BS=1000 DEV=cuda CLF="--epochs 24 --batch-size 512"
   SMALL=(cifar10:batch_size=512 cifar10:optim.lr=5e-4 cifar10:lr_schedule.warmup_steps=200) OMSET=() VSET=()
   CFGS="3 2 4 6"; FRACS="0.24"; PNGS=5000; GRID=10; AN="--n 10 --steps 25"; STEPS=25; NC=200
-else
-  VAE_S=${VAE_S:-240} UNET_S=${UNET_S:-660} OM_S=${OM_S:-400} MARGIN=75 N=1000 NT=500 BS=1000 DEV=cuda CLF="--epochs 24 --batch-size 512"
-  SMALL=(cifar10:batch_size=256) OMSET=() VSET=()
-  CFGS="2 3 4 6"; FRACS="0.08 0.16 0.24 0.32 0.4"; PNGS=5000; GRID=10; AN="--n 10 --steps 25"; STEPS=25
+else  # one machine: ~36 min, i.e. its 30-minute hold plus the last device call (the U-Net gets 18 of them)
+  VAE_S=${VAE_S:-200} UNET_S=${UNET_S:-1080} OM_S=${OM_S:-300} MARGIN=60 N=1000 NT=500 BS=1000 DEV=cuda
+  CLF="--epochs 24 --batch-size 512"
+  SMALL=(cifar10:batch_size=512 cifar10:optim.lr=5e-4 cifar10:lr_schedule.warmup_steps=200) OMSET=() VSET=()
+  CFGS="3 2 4 6"; FRACS="0.08 0.16 0.24 0.32"; PNGS=5000; GRID=10; AN="--n 10 --steps 25"; STEPS=25; NC=300
 fi
 stage() { echo "$(date +%T) $*" | tee -a "$R/stages.txt"; }
 ev() {  # ldm eval without the installed console script
