@@ -31,10 +31,8 @@ else  # one machine: ~36 min, i.e. its 30-minute hold plus the last device call 
   CFGS="3 2 4 6"; FRACS="0.08 0.16 0.24 0.32"; PNGS=5000; GRID=10; AN="--n 10 --steps 25"; STEPS=25; NC=300
 fi
 stage() { echo "$(date +%T) $*" | tee -a "$R/stages.txt"; }
-ev() {  # ldm eval without the installed console script
-  python3 -c "import argparse, sys; from inference import eval_cli; p = argparse.ArgumentParser(); s = p.add_subparsers(); eval_cli.register(s); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))" eval "$@"
-}
-an() {
+source bench/shapes_common.sh  # ev: ldm eval without the installed console script
+an() {  # the same for ldm analyze
   python3 -c "import argparse, sys; from inference import analyze_cli; p = argparse.ArgumentParser(); s = p.add_subparsers(); analyze_cli.register(s); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))" analyze "$@"
 }
 C=runs/cifar10-classifier; M=runs/cifar10/model-ema

@@ -28,19 +28,14 @@ fp32 references are fp32.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import math
-import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,113 +44,12 @@ from ldm.speed import CUDAGraphForward, SpeedConfig, apply_speed, remove_speed  
 from ldm.unet import UNet, UNetConfig  # noqa: E402
 from ldm.unet_keys import diffusers_to_ours  # noqa: E402
 
+from bench.perf_measure import Plan, Table, count_flops, free, median_ms, randomize_, rel_err, sync  # noqa: E402
+from bench.perf_report import markdown, summary  # noqa: E402
+
 CASES = ("unet_b2", "unet_b2_compile", "unet_b16", "unet_b16_compile", "sdxl_b2", "vae", "e2e", "train256", "train512",
          "train256_compile")
 OFF = dict(attention_kernel="auto", fused_qkv=False, channels_last=False, cuda_graphs=False)  # the eager baseline
-
-
-@dataclass
-class Plan:
-    """Sizes of a run: the issue's (default) or tiny ones for a CPU smoke run (--tiny)."""
-
-    device: str
-    dtype: torch.dtype
-    tiny: bool
-    warmup: int
-    reps: int
-    train_reps: int
-    peak: float
-    tol: float
-
-    def unet_cfg(self, name: str) -> UNetConfig:
-        cfg = UNetConfig.sdxl_base() if name == "sdxl" else UNetConfig.sd15()
-        if not self.tiny:
-            return cfg
-        return cfg.tiny(adm_in_channels=16 + 6 * 256) if cfg.adm_in_channels else cfg.tiny()
-
-    def hw(self, hw: int) -> int:
-        return 16 if self.tiny else hw
-
-    def batch(self, b: int) -> int:
-        return min(b, 4) if self.tiny else b
-
-
-# ------------------------------------------------------------------------------------------------ measuring
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def median_ms(fn, plan: Plan, warmup: int | None = None, reps: int | None = None, events: bool = True) -> float:
-    """Median time of ``fn()`` in ms: CUDA events around each call (``events``), else a synchronized wall clock."""
-    for _ in range(plan.warmup if warmup is None else warmup):
-        fn()
-    sync(plan.device)
-    times = []
-    for _ in range(plan.reps if reps is None else reps):
-        if events and plan.device.startswith("cuda"):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            sync(plan.device)
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return fc.get_total_flops()
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.float().cpu(), ref.float().cpu()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter random, drawn where it lives: weights ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2),
-    biases ~ N(0, 0.05^2) (as tests/test_unet_parity.randomize_, which draws on the CPU and is slow at full size)."""
-    with torch.no_grad():
-        for i, (name, p) in enumerate(sorted(model.named_parameters())):
-            g = torch.Generator(p.device).manual_seed(seed * 100_003 + i)
-            r = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
-            if p.ndim == 0:
-                continue
-            if name.endswith("bias"):
-                p.copy_(0.05 * r)
-            elif p.ndim == 1:  # norm scales
-                p.copy_(1 + 0.1 * r)
-            else:
-                p.copy_(r / math.sqrt(p[0].numel()))
-    return model
-
-
-def free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-class Table:
-    def __init__(self, plan: Plan):
-        self.rows: list[dict] = []
-        self.plan = plan
-
-    def add(self, **row) -> dict:
-        self.rows.append(row)
-        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-        return row
 
 
 # ------------------------------------------------------------------------------------------------ U-Net
@@ -517,68 +411,6 @@ TRAIN_EAGER = {
 TRAIN_COMPILE = {
     "SDPA fastest + compile default": dict(attention_kernel="fastest", channels_last=False, compile="default"),
 }
-
-
-# ------------------------------------------------------------------------------------------------ report
-
-
-def summary(rows: list[dict]) -> list[str]:
-    def get(case, impl, variant=None):
-        return [r for r in rows
-                if r["case"] == case and r["impl"] == impl and (variant is None or r["variant"] == variant)]
-
-    def best(case):
-        rs = [r for r in get(case, "ours") if r.get("ok", True)]
-        return min(rs, key=lambda r: r["ms"]) if rs else None
-
-    out = []
-    d = {r["case"]: r for r in rows if r["impl"] == "diffusers" and r["variant"] == "eager"}
-    b2 = best("unet_b2")
-    b2c = best("unet_b2_compile")
-    dc = get("unet_b2_compile", "diffusers", "torch.compile default")
-    fastest = min([r for r in (b2, b2c) if r], key=lambda r: r["ms"], default=None)
-    if fastest and "unet_b2" in d:
-        out.append(f"U-Net b2: best ours {fastest['ms']:.2f} ms ({fastest['variant']}) = "
-                   f"{fastest['ms'] / d['unet_b2']['ms']:.2f}x diffusers eager (goal <= 0.25)")  # fmt: skip
-    if fastest and dc:
-        out.append(f"U-Net b2: {fastest['ms'] / dc[0]['ms']:.2f}x diffusers compiled (goal <= 0.5)")
-    b16 = min([r for r in (best("unet_b16"), best("unet_b16_compile")) if r], key=lambda r: r["ms"], default=None)
-    if b16:
-        out.append(f"U-Net b16: {b16['mfu'] * 100:.0f}% MFU ({b16['variant']}) (goal >= 50%)")
-    e = best("e2e")
-    if e:
-        out.append(f"end to end 512 px, 25 steps: {e['ms'] / 1e3:.3f} s = {e['ratio']:.2f}x diffusers "
-                   f"(goals <= 0.25 s, <= 0.4x)")  # fmt: skip
-    for case, goal in (("train256", 1.6), ("train512", 1.5), ("train256_compile", 1.6)):
-        rs = [r for r in get(case, "ours") if r.get("ok", True)]
-        if rs:
-            r = max(rs, key=lambda r: r["img_s"])
-            peak_ratio = r["peak_ratio"] or float("nan")
-            out.append(f"{case}: {r['img_s']:.0f} img/s = {r['ratio_img_s']:.2f}x diffusers (goal >= {goal}), peak "
-                       f"{r['peak_gib']:.1f} GiB = {peak_ratio:.2f}x ({r['variant']})")  # fmt: skip
-    s = best("sdxl_b2")
-    if s:
-        out.append(f"SDXL b2 128: {s['ratio']:.2f}x diffusers eager (goal <= 0.5)")
-    return out
-
-
-def markdown(rows: list[dict]) -> str:
-    lines = ["| case | impl | variant | ms | vs diffusers eager | TFLOP/s (MFU) | img/s | peak GiB | err vs our fp32 "
-             "| ok |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for r in rows:
-        if "case" not in r or r["impl"] == "parity":
-            continue
-        f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else ""  # noqa: E731
-        ratio = f("ratio", ".2f") + "x" if r.get("ratio") else ""
-        if r.get("ratio_vs_compiled"):
-            ratio += f" ({r['ratio_vs_compiled']:.2f}x compiled)"
-        if r.get("ratio_img_s"):
-            ratio = f"{r['ratio_img_s']:.2f}x img/s"
-        mfu = f"{r['tflops']:.0f} ({100 * r['mfu']:.0f}%)" if r.get("mfu") else (f("tflops", ".0f"))
-        ok = "" if "ok" not in r else ("yes" if r["ok"] else "NO")
-        lines.append(f"| {r['case']} | {r['impl']} | {r['variant']} | {f('ms', '.2f')} | {ratio} | {mfu} | "
-                     f"{f('img_s', '.0f')} | {f('peak_gib', '.1f')} | {f('err', '.1e')} | {ok} |")  # fmt: skip
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

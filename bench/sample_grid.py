@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from inference.grid import image_grid
 from inference.pipeline import Pipeline
 from ldm.metrics.cifar_net import CIFAR10_CLASSES, class_caption
 
@@ -31,16 +32,13 @@ if __name__ == "__main__":
     prompts = [class_caption(c) for c in CIFAR10_CLASSES] if a.prompts == ["cifar10"] else a.prompts
     pipe = Pipeline.load(a.model, device=a.device)
     side = a.resolution or pipe.default_size[0]
-    rows = []
+    t = side * a.scale
+    tiles = []
     for prompt in prompts:
         out = pipe([prompt] * a.seeds, seed=list(range(a.seeds)), steps=a.steps, sampler=a.sampler,
                    cfg_scale=a.cfg_scale, width=side, height=side)  # fmt: skip
-        rows.append(out.images)
-    t = side * a.scale
-    grid = Image.new("RGB", (t * a.seeds, t * len(prompts)), "white")
-    for r, images in enumerate(rows):
-        for c, im in enumerate(images):
-            grid.paste(im.resize((t, t), Image.NEAREST), (c * t, r * t))
+        tiles += [im.resize((t, t), Image.NEAREST) for im in out.images]
+    grid = image_grid(tiles, cols=a.seeds)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(a.out)
     print(f"wrote {a.out}: rows {prompts}, seeds 0..{a.seeds - 1}, cfg {a.cfg_scale}")

@@ -165,8 +165,7 @@ def resolve(args: argparse.Namespace) -> Settings:
 def _check_teleport(args: argparse.Namespace) -> tuple[float, Path | None]:
     import math  # noqa: PLC0415
 
-    fraction = getattr(args, "teleport", 0.0) or 0.0
-    stats = getattr(args, "teleport_stats", None)
+    fraction, stats = args.teleport, args.teleport_stats
     if not (math.isfinite(fraction) and 0 <= fraction < 1):
         raise ValueError(f"--teleport: a fraction of the steps in [0, 1), got {fraction}")
     if fraction > 0 and stats is None:
@@ -315,9 +314,7 @@ def evaluate(req: Settings) -> int:
     pipe = load_pipeline(req.model, device=req.device, dtype=req.dtype)
     resolution = req.resolution or pipe.default_size[0]
     sampling = dict(sampler=req.sampler, steps=req.steps, cfg_scale=req.cfg_scale, batch_size=req.batch_size,
-                    resolution=resolution)  # fmt: skip
-    if req.teleport:
-        sampling.update(teleport=req.teleport, teleport_stats=req.teleport_stats)
+                    resolution=resolution, teleport=req.teleport, teleport_stats=req.teleport_stats)  # fmt: skip
     first = next(iter(req.prompt_sets.values()))[:1]
     try:  # before any step; catches what only the loaded model knows (the VAE factor of a single file)
         pipe.check(prompt=first, seed=req.seed, steps=req.steps, sampler=req.sampler, cfg_scale=req.cfg_scale,

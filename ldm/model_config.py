@@ -21,7 +21,6 @@ Per-tower overrides name the tower by index: ``text[0].heads=4``, ``text[1].laye
 """
 from __future__ import annotations
 
-
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Optional
 

@@ -1,0 +1,118 @@
+"""The measuring side of bench/perf.py: the run's sizes (Plan), timing (CUDA events or a synchronized wall clock,
+median), FLOP counting, the error against a reference, full-size random weights, the printed result table."""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ldm.unet import UNetConfig
+
+@dataclass
+class Plan:
+    """Sizes of a run: the issue's (default) or tiny ones for a CPU smoke run (--tiny)."""
+
+    device: str
+    dtype: torch.dtype
+    tiny: bool
+    warmup: int
+    reps: int
+    train_reps: int
+    peak: float
+    tol: float
+
+    def unet_cfg(self, name: str) -> UNetConfig:
+        cfg = UNetConfig.sdxl_base() if name == "sdxl" else UNetConfig.sd15()
+        if not self.tiny:
+            return cfg
+        return cfg.tiny(adm_in_channels=16 + 6 * 256) if cfg.adm_in_channels else cfg.tiny()
+
+    def hw(self, hw: int) -> int:
+        return 16 if self.tiny else hw
+
+    def batch(self, b: int) -> int:
+        return min(b, 4) if self.tiny else b
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, plan: Plan, warmup: int | None = None, reps: int | None = None, events: bool = True) -> float:
+    """Median time of ``fn()`` in ms: CUDA events around each call (``events``), else a synchronized wall clock."""
+    for _ in range(plan.warmup if warmup is None else warmup):
+        fn()
+    sync(plan.device)
+    times = []
+    for _ in range(plan.reps if reps is None else reps):
+        if events and plan.device.startswith("cuda"):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            sync(plan.device)
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float().cpu(), ref.float().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random, drawn where it lives: weights ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2),
+    biases ~ N(0, 0.05^2) (as tests/test_unet_parity.randomize_, which draws on the CPU and is slow at full size)."""
+    with torch.no_grad():
+        for i, (name, p) in enumerate(sorted(model.named_parameters())):
+            g = torch.Generator(p.device).manual_seed(seed * 100_003 + i)
+            r = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
+            if p.ndim == 0:
+                continue
+            if name.endswith("bias"):
+                p.copy_(0.05 * r)
+            elif p.ndim == 1:  # norm scales
+                p.copy_(1 + 0.1 * r)
+            else:
+                p.copy_(r / math.sqrt(p[0].numel()))
+    return model
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Table:
+    def __init__(self, plan: Plan):
+        self.rows: list[dict] = []
+        self.plan = plan
+
+    def add(self, **row) -> dict:
+        self.rows.append(row)
+        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        return row

@@ -1,0 +1,60 @@
+"""bench/perf.py's rows as text: the goal lines (summary) and the markdown table of BENCHMARKS.md."""
+from __future__ import annotations
+
+def summary(rows: list[dict]) -> list[str]:
+    def get(case, impl, variant=None):
+        return [r for r in rows
+                if r["case"] == case and r["impl"] == impl and (variant is None or r["variant"] == variant)]
+
+    def best(case):
+        rs = [r for r in get(case, "ours") if r.get("ok", True)]
+        return min(rs, key=lambda r: r["ms"]) if rs else None
+
+    out = []
+    d = {r["case"]: r for r in rows if r["impl"] == "diffusers" and r["variant"] == "eager"}
+    b2 = best("unet_b2")
+    b2c = best("unet_b2_compile")
+    dc = get("unet_b2_compile", "diffusers", "torch.compile default")
+    fastest = min([r for r in (b2, b2c) if r], key=lambda r: r["ms"], default=None)
+    if fastest and "unet_b2" in d:
+        out.append(f"U-Net b2: best ours {fastest['ms']:.2f} ms ({fastest['variant']}) = "
+                   f"{fastest['ms'] / d['unet_b2']['ms']:.2f}x diffusers eager (goal <= 0.25)")  # fmt: skip
+    if fastest and dc:
+        out.append(f"U-Net b2: {fastest['ms'] / dc[0]['ms']:.2f}x diffusers compiled (goal <= 0.5)")
+    b16 = min([r for r in (best("unet_b16"), best("unet_b16_compile")) if r], key=lambda r: r["ms"], default=None)
+    if b16:
+        out.append(f"U-Net b16: {b16['mfu'] * 100:.0f}% MFU ({b16['variant']}) (goal >= 50%)")
+    e = best("e2e")
+    if e:
+        out.append(f"end to end 512 px, 25 steps: {e['ms'] / 1e3:.3f} s = {e['ratio']:.2f}x diffusers "
+                   f"(goals <= 0.25 s, <= 0.4x)")  # fmt: skip
+    for case, goal in (("train256", 1.6), ("train512", 1.5), ("train256_compile", 1.6)):
+        rs = [r for r in get(case, "ours") if r.get("ok", True)]
+        if rs:
+            r = max(rs, key=lambda r: r["img_s"])
+            peak_ratio = r["peak_ratio"] or float("nan")
+            out.append(f"{case}: {r['img_s']:.0f} img/s = {r['ratio_img_s']:.2f}x diffusers (goal >= {goal}), peak "
+                       f"{r['peak_gib']:.1f} GiB = {peak_ratio:.2f}x ({r['variant']})")  # fmt: skip
+    s = best("sdxl_b2")
+    if s:
+        out.append(f"SDXL b2 128: {s['ratio']:.2f}x diffusers eager (goal <= 0.5)")
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| case | impl | variant | ms | vs diffusers eager | TFLOP/s (MFU) | img/s | peak GiB | err vs our fp32 "
+             "| ok |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        if "case" not in r or r["impl"] == "parity":
+            continue
+        f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else ""  # noqa: E731
+        ratio = f("ratio", ".2f") + "x" if r.get("ratio") else ""
+        if r.get("ratio_vs_compiled"):
+            ratio += f" ({r['ratio_vs_compiled']:.2f}x compiled)"
+        if r.get("ratio_img_s"):
+            ratio = f"{r['ratio_img_s']:.2f}x img/s"
+        mfu = f"{r['tflops']:.0f} ({100 * r['mfu']:.0f}%)" if r.get("mfu") else (f("tflops", ".0f"))
+        ok = "" if "ok" not in r else ("yes" if r["ok"] else "NO")
+        lines.append(f"| {r['case']} | {r['impl']} | {r['variant']} | {f('ms', '.2f')} | {ratio} | {mfu} | "
+                     f"{f('img_s', '.0f')} | {f('peak_gib', '.1f')} | {f('err', '.1e')} | {ok} |")  # fmt: skip
+    return "\n".join(lines)
