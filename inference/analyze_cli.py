@@ -32,7 +32,8 @@ from pathlib import Path
 
 from .analysis_plots import write_plots
 from .convert import DTYPES
-from .eval_cli import ALL_KINDS, _check_model, _check_sampler, _device, load_pipeline
+from . import eval_cli  # its load_pipeline is looked up at call time (a seam tests replace)
+from .eval_cli import ALL_KINDS, _check_model, _check_sampler, _device
 from .generate_cli import one_line_error
 
 REPORT = "analysis.json"
@@ -242,7 +243,7 @@ def analyze(args) -> int:
     from ldm.samplers import get_sampler  # noqa: PLC0415
 
     started = time.perf_counter()
-    pipe = load_pipeline(args.model_path, device=args.device, dtype=args.dtype)
+    pipe = eval_cli.load_pipeline(args.model_path, device=args.device, dtype=args.dtype)
     smp = Sampling(pipe, args.sampler, args.steps, args.cfg_scale)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"model": {"path": str(args.model_path), "name": pipe.name, "hash": pipe.model_hash},
