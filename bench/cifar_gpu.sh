@@ -54,14 +54,15 @@ stage "3. OpenMoji fine-tune + scratch beside the evaluation"
 python3 bench/train_gpu.py --stage unet --jobs openmoji-finetune openmoji-scratch --data $D --budget-s $OM_S --margin-s $MARGIN \
   --vae-from runs --out $R/openmoji --set "${OMSET[@]}" > $R/openmoji.txt 2>&1 &
 python3 bench/cifar_pngs.py --data $D/cifar10 --n $PNGS --out /tmp/cifar-png > /dev/null
-an --model $M --prompts bench/cifar10_prompts.txt $AN --cfg-scale 3 --data /tmp/cifar-png --data-n $PNGS \
-  --teleport-n 0 --device $DEV --out $R/analyze > $R/analyze.txt 2>&1; stage "analyze: exit $?"
 for cfg in $CFGS; do
   extra=(); n=${NC:-$N}; [ $cfg = 3 ] && extra=(--baselines --vae-psnr) && n=$N
   ev "${E[@]}" --n $n --cfg-scale $cfg "${extra[@]}" --out $R/eval-cfg$cfg > $R/eval-cfg$cfg.txt 2>&1
   stage "eval cfg $cfg: exit $?"
 done
 python3 bench/sample_grid.py --model $M --prompts cifar10 --seeds $GRID --steps $STEPS --cfg-scale 3 --device $DEV --out $R/grid-cifar10-cfg3.png
+# after the evaluations, so that a machine lost late still brings back the accuracies
+an --model $M --prompts bench/cifar10_prompts.txt $AN --cfg-scale 3 --data /tmp/cifar-png --data-n $PNGS \
+  --teleport-n 0 --device $DEV --out $R/analyze > $R/analyze.txt 2>&1; stage "analyze: exit $?"
 ev "${E[@]}" --n $NT --cfg-scale 3 --out $R/tp-full > $R/tp-full.txt 2>&1
 for f in $FRACS; do
   k=$(python3 -c "print(round($f * $STEPS))")
