@@ -24,6 +24,10 @@ elif [ "${SHORT:-0}" = 1 ]; then  # what fitted the device time left after the s
   VAE_S=150 UNET_S=380 OM_S=240 MARGIN=40 N=1000 NT=200 BS=1000 DEV=cuda CLF="--epochs 24 --batch-size 512"
   SMALL=(cifar10:batch_size=512 cifar10:optim.lr=5e-4 cifar10:lr_schedule.warmup_steps=200) OMSET=() VSET=()
   CFGS="3 2 4 6"; FRACS="0.24"; PNGS=5000; GRID=10; AN="--n 10 --steps 25"; STEPS=25; NC=200
+elif [ "${MID:-0}" = 1 ]; then  # two back-to-back device calls (~17 min): no OpenMoji, fewer samples
+  VAE_S=130 UNET_S=${UNET_S:-560} OM_S=0 MARGIN=40 N=2000 NT=1000 BS=1000 DEV=cuda CLF="--epochs 24 --batch-size 512"
+  SMALL=(cifar10:batch_size=512 cifar10:optim.lr=5e-4 cifar10:lr_schedule.warmup_steps=200) OMSET=() VSET=()
+  CFGS="3 2 4 6"; FRACS="0.16 0.32"; PNGS=5000; GRID=10; AN="--n 10 --steps 25"; STEPS=25; NC=1000
 else  # one machine: ~36 min, i.e. its 30-minute hold plus the last device call (the U-Net gets 18 of them)
   VAE_S=${VAE_S:-200} UNET_S=${UNET_S:-1080} OM_S=${OM_S:-300} MARGIN=60 N=1000 NT=500 BS=1000 DEV=cuda
   CLF="--epochs 24 --batch-size 512"
@@ -39,7 +43,7 @@ C=runs/cifar10-classifier; M=runs/cifar10/model-ema
 E=(--suite cifar10 --model $M --classifier $C --data $D/cifar10 --steps $STEPS --batch-size $BS --device $DEV --dtype bf16 -q)
 [ $DEV = cpu ] && E=(--suite cifar10 --model $M --classifier $C --data $D/cifar10 --steps $STEPS --batch-size $BS --device cpu -q)
 
-[ $DEV = cuda ] && [ "${SHORT:-0}" != 1 ] && python3 bench/sdpa_grad_check.py > $R/sdpa_grad_check.txt 2>&1
+[ $DEV = cuda ] && [ "${SHORT:-0}${MID:-0}" = 00 ] && python3 bench/sdpa_grad_check.py > $R/sdpa_grad_check.txt 2>&1
 stage "1. classifier beside the CIFAR-10 VAE"
 python3 -m training.classifier --data $D/cifar10 --out $C $CLF > $R/classifier.txt 2>&1 &
 python3 bench/train_gpu.py --stage vae --jobs cifar10 --data $D --budget-s $VAE_S --margin-s $MARGIN --out $R/vae \
@@ -51,7 +55,7 @@ python3 bench/train_gpu.py --stage unet --jobs cifar10 --data $D --budget-s $UNE
   --set cifar10:mixed_precision=bf16 "${SMALL[@]}" > $R/unet.txt 2>&1 || { stage "U-Net failed"; touch $R/done; exit 1; }
 
 stage "3. OpenMoji fine-tune + scratch beside the evaluation"
-python3 bench/train_gpu.py --stage unet --jobs openmoji-finetune openmoji-scratch --data $D --budget-s $OM_S --margin-s $MARGIN \
+[ "$OM_S" != 0 ] && python3 bench/train_gpu.py --stage unet --jobs openmoji-finetune openmoji-scratch --data $D --budget-s $OM_S --margin-s $MARGIN \
   --vae-from runs --out $R/openmoji --set "${OMSET[@]}" > $R/openmoji.txt 2>&1 &
 python3 bench/cifar_pngs.py --data $D/cifar10 --n $PNGS --out /tmp/cifar-png > /dev/null
 for cfg in $CFGS; do
@@ -72,7 +76,7 @@ for f in $FRACS; do
 done
 wait
 stage "openmoji done"
-for job in openmoji-finetune openmoji-scratch; do
+for job in $([ "$OM_S" != 0 ] && echo openmoji-finetune openmoji-scratch); do
   python3 bench/sample_grid.py --model runs/$job/model-ema --prompts "spider web" "cat face" "rocket" "grinning face" \
     "red heart" "sun" "pizza" "house" --seeds $GRID --steps $STEPS --cfg-scale 3 --resolution 64 --device $DEV \
     --out $R/grid-$job.png
