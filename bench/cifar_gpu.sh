@@ -3,11 +3,12 @@
 # call (each call of the device tool is at most 10 minutes):
 #   call 1:  setsid nohup bash bench/cifar_gpu.sh > /tmp/cifar-run.log 2>&1 < /dev/null & bash bench/gpu_wait.sh 540
 #   later:   bash bench/gpu_wait.sh 560     (prints progress; packs /tmp/cifar into $OUT once it is done)
-# Issue each later call at once (the machine goes back after 30 s idle). The default needs ~36 min of one machine:
-# the first call must start the job, and the 4th call (started before the 30-minute hold ends) collects it.
-# Stages: (1) the CIFAR-10 classifier beside the CIFAR-10 VAE; (2) the CIFAR-10 U-Net + text tower; (3) beside the
-# OpenMoji fine-tune and its from-scratch baseline: ldm analyze (and the Gaussian for teleportation), ldm eval
-# --suite cifar10 at cfg 1.5-6 with 10,000 samples, the teleportation sweep with 5,000, sample grids.
+# Issue each later call at once: the machine goes back 30 s after a call ends, and the run with it (gpu_wait.sh
+# then says so at once). The default needs ~20 min of one machine (three calls).
+# Stages: (1) the CIFAR-10 classifier beside the CIFAR-10 VAE; (2) the CIFAR-10 U-Net + text tower (10 min: 96.1%
+# prompted-class accuracy at cfg 3 in docs/results.md); (3) four lanes at once: ldm eval --suite cifar10 at cfg 2-6
+# with 10,000 samples, and sample grids | ldm analyze (and the Gaussian), then the teleported samplers | the same
+# sampler given only the steps teleportation leaves | the OpenMoji fine-tune and its from-scratch baseline.
 # Data: .data/{cifar10,openmoji} (copies of ../shared/data). SMOKE=1: a CPU plumbing run of minutes.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -28,11 +29,11 @@ elif [ "${MID:-0}" = 1 ]; then  # two back-to-back device calls (~17 min): no Op
   VAE_S=130 UNET_S=${UNET_S:-560} OM_S=0 MARGIN=40 N=2000 NT=1000 BS=1000 DEV=cuda CLF="--epochs 24 --batch-size 512"
   SMALL=(cifar10:batch_size=512 cifar10:optim.lr=5e-4 cifar10:lr_schedule.warmup_steps=200) OMSET=() VSET=()
   CFGS="3 2 4 6"; FRACS="0.16 0.32"; PNGS=5000; GRID=10; AN="--n 10 --steps 25"; STEPS=25; NC=1000
-else  # one machine: ~36 min, i.e. its 30-minute hold plus the last device call (the U-Net gets 18 of them)
-  VAE_S=${VAE_S:-200} UNET_S=${UNET_S:-1080} OM_S=${OM_S:-300} MARGIN=60 N=1000 NT=500 BS=1000 DEV=cuda
+else  # one machine, ~20 min
+  VAE_S=${VAE_S:-130} UNET_S=${UNET_S:-600} OM_S=${OM_S:-300} MARGIN=40 N=1000 NT=1000 BS=1000 DEV=cuda
   CLF="--epochs 24 --batch-size 512"
   SMALL=(cifar10:batch_size=512 cifar10:optim.lr=5e-4 cifar10:lr_schedule.warmup_steps=200) OMSET=() VSET=()
-  CFGS="3 2 4 6"; FRACS="0.08 0.16 0.24 0.32"; PNGS=5000; GRID=10; AN="--n 10 --steps 25"; STEPS=25; NC=300
+  CFGS="3 2 4 6"; FRACS="0.12 0.24 0.36"; PNGS=5000; GRID=10; AN="--n 10 --steps 25"; STEPS=25; NC=1000
 fi
 stage() { echo "$(date +%T) $*" | tee -a "$R/stages.txt"; }
 source bench/shapes_common.sh  # ev: ldm eval without the installed console script
@@ -54,28 +55,36 @@ stage "2. CIFAR-10 U-Net + text tower"
 python3 bench/train_gpu.py --stage unet --jobs cifar10 --data $D --budget-s $UNET_S --margin-s $MARGIN --vae-from runs --out $R/unet \
   --set cifar10:mixed_precision=bf16 "${SMALL[@]}" > $R/unet.txt 2>&1 || { stage "U-Net failed"; touch $R/done; exit 1; }
 
-stage "3. OpenMoji fine-tune + scratch beside the evaluation"
+stage "3. evaluation in three lanes, beside the OpenMoji fine-tune + scratch"
 [ "$OM_S" != 0 ] && python3 bench/train_gpu.py --stage unet --jobs openmoji-finetune openmoji-scratch --data $D --budget-s $OM_S --margin-s $MARGIN \
   --vae-from runs --out $R/openmoji --set "${OMSET[@]}" > $R/openmoji.txt 2>&1 &
 python3 bench/cifar_pngs.py --data $D/cifar10 --n $PNGS --out /tmp/cifar-png > /dev/null
+(  # lane A: the guidance sweep, then the grid
 for cfg in $CFGS; do
   extra=(); n=${NC:-$N}; [ $cfg = 3 ] && extra=(--baselines --vae-psnr) && n=$N
   ev "${E[@]}" --n $n --cfg-scale $cfg "${extra[@]}" --out $R/eval-cfg$cfg > $R/eval-cfg$cfg.txt 2>&1
   stage "eval cfg $cfg: exit $?"
 done
 python3 bench/sample_grid.py --model $M --prompts cifar10 --seeds $GRID --steps $STEPS --cfg-scale 3 --device $DEV --out $R/grid-cifar10-cfg3.png
-# after the evaluations, so that a machine lost late still brings back the accuracies
+) &
+(  # lane B: ldm analyze (its Gaussian is what teleportation starts from), then the teleported samplers
 an --model $M --prompts bench/cifar10_prompts.txt $AN --cfg-scale 3 --data /tmp/cifar-png --data-n $PNGS \
   --teleport-n 0 --device $DEV --out $R/analyze > $R/analyze.txt 2>&1; stage "analyze: exit $?"
+for f in $FRACS; do
+  ev "${E[@]}" --n $NT --cfg-scale 3 --teleport $f --teleport-stats $R/analyze/gaussian.safetensors --out $R/tp-$f > $R/tp-$f.txt 2>&1
+  stage "teleport $f: exit $?"
+done
+) &
+(  # lane C: the full sampler and the same sampler given only the steps that teleportation leaves
 ev "${E[@]}" --n $NT --cfg-scale 3 --out $R/tp-full > $R/tp-full.txt 2>&1
 for f in $FRACS; do
   k=$(python3 -c "print(round($f * $STEPS))")
-  ev "${E[@]}" --n $NT --cfg-scale 3 --teleport $f --teleport-stats $R/analyze/gaussian.safetensors --out $R/tp-$f > $R/tp-$f.txt 2>&1
   ev "${E[@]}" --n $NT --cfg-scale 3 --steps $((STEPS - k)) --out $R/steps-$((STEPS - k)) > $R/steps-$((STEPS - k)).txt 2>&1
-  stage "teleport $f / steps $((STEPS - k)): exit $?"
+  stage "steps $((STEPS - k)) (teleport $f's count): exit $?"
 done
+) &
 wait
-stage "openmoji done"
+stage "lanes done"
 for job in $([ "$OM_S" != 0 ] && echo openmoji-finetune openmoji-scratch); do
   python3 bench/sample_grid.py --model runs/$job/model-ema --prompts "spider web" "cat face" "rocket" "grinning face" \
     "red heart" "sun" "pizza" "house" --seeds $GRID --steps $STEPS --cfg-scale 3 --resolution 64 --device $DEV \
