@@ -13,27 +13,24 @@
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 D=${DATA:-.data}; R=${RESULTS:-/tmp/cifar}; rm -rf "$R"; mkdir -p "$R"
+# the GPU settings; each plan below changes what differs (SMOKE: all of them)
+MARGIN=40 N=1000 NT=1000 NC=1000 BS=1000 DEV=cuda CLF="--epochs 24 --batch-size 512"
+SMALL=(cifar10:batch_size=512 cifar10:optim.lr=5e-4 cifar10:lr_schedule.warmup_steps=200) OMSET=() VSET=()
+CFGS="3 2 4 6"; PNGS=5000; GRID=10; AN="--n 10 --steps 25"; STEPS=25
 if [ "${SMOKE:-0}" = 1 ]; then
   export LDM_CAL_STEPS=3 CUDA_VISIBLE_DEVICES=
-  VAE_S=40 UNET_S=40 OM_S=60 MARGIN=5 N=2 NT=1 BS=20 DEV=cpu CLF="--epochs 1 --limit 512 --batch-size 64 --width 8"
+  VAE_S=40 UNET_S=40 OM_S=60 MARGIN=5 N=2 NT=1 NC=2 BS=20 DEV=cpu CLF="--epochs 1 --limit 512 --batch-size 64 --width 8"
   SMALL=(cifar10:batch_size=4 cifar10:data.max_samples=64 cifar10:data.num_workers=0 cifar10:validation.every=0)
   OMSET=(openmoji-finetune:batch_size=4 openmoji-scratch:batch_size=4 openmoji-finetune:data.max_samples=32
          openmoji-scratch:data.max_samples=32 openmoji-finetune:data.num_workers=0 openmoji-scratch:data.num_workers=0
          openmoji-finetune:validation.every=0 openmoji-scratch:validation.every=0)
   VSET=("${SMALL[@]}"); CFGS="1.5 3"; FRACS="0.24"; PNGS=300; GRID=2; AN="--n 2 --steps 4"; STEPS=5
 elif [ "${SHORT:-0}" = 1 ]; then  # what fitted the device time left after the shuffling fix (docs/results.md)
-  VAE_S=150 UNET_S=380 OM_S=240 MARGIN=40 N=1000 NT=200 BS=1000 DEV=cuda CLF="--epochs 24 --batch-size 512"
-  SMALL=(cifar10:batch_size=512 cifar10:optim.lr=5e-4 cifar10:lr_schedule.warmup_steps=200) OMSET=() VSET=()
-  CFGS="3 2 4 6"; FRACS="0.24"; PNGS=5000; GRID=10; AN="--n 10 --steps 25"; STEPS=25; NC=200
-elif [ "${MID:-0}" = 1 ]; then  # two back-to-back device calls (~17 min): no OpenMoji, fewer samples
-  VAE_S=130 UNET_S=${UNET_S:-560} OM_S=0 MARGIN=40 N=2000 NT=1000 BS=1000 DEV=cuda CLF="--epochs 24 --batch-size 512"
-  SMALL=(cifar10:batch_size=512 cifar10:optim.lr=5e-4 cifar10:lr_schedule.warmup_steps=200) OMSET=() VSET=()
-  CFGS="3 2 4 6"; FRACS="0.16 0.32"; PNGS=5000; GRID=10; AN="--n 10 --steps 25"; STEPS=25; NC=1000
+  VAE_S=150 UNET_S=380 OM_S=240 NT=200 NC=200 FRACS="0.24"
+elif [ "${MID:-0}" = 1 ]; then  # two back-to-back device calls (~17 min): no OpenMoji, 20,000 samples at cfg 3
+  VAE_S=130 UNET_S=${UNET_S:-560} OM_S=0 N=2000 FRACS="0.16 0.32"
 else  # one machine, ~20 min
-  VAE_S=${VAE_S:-130} UNET_S=${UNET_S:-600} OM_S=${OM_S:-300} MARGIN=40 N=1000 NT=1000 BS=1000 DEV=cuda
-  CLF="--epochs 24 --batch-size 512"
-  SMALL=(cifar10:batch_size=512 cifar10:optim.lr=5e-4 cifar10:lr_schedule.warmup_steps=200) OMSET=() VSET=()
-  CFGS="3 2 4 6"; FRACS="0.12 0.24 0.36"; PNGS=5000; GRID=10; AN="--n 10 --steps 25"; STEPS=25; NC=1000
+  VAE_S=${VAE_S:-130} UNET_S=${UNET_S:-600} OM_S=${OM_S:-300} FRACS="0.12 0.24 0.36"
 fi
 stage() { echo "$(date +%T) $*" | tee -a "$R/stages.txt"; }
 source bench/shapes_common.sh  # ev: ldm eval without the installed console script
@@ -55,13 +52,13 @@ stage "2. CIFAR-10 U-Net + text tower"
 python3 bench/train_gpu.py --stage unet --jobs cifar10 --data $D --budget-s $UNET_S --margin-s $MARGIN --vae-from runs --out $R/unet \
   --set cifar10:mixed_precision=bf16 "${SMALL[@]}" > $R/unet.txt 2>&1 || { stage "U-Net failed"; touch $R/done; exit 1; }
 
-stage "3. evaluation in three lanes, beside the OpenMoji fine-tune + scratch"
+stage "3. evaluation in three lanes, the OpenMoji fine-tune + scratch in a fourth"
 [ "$OM_S" != 0 ] && python3 bench/train_gpu.py --stage unet --jobs openmoji-finetune openmoji-scratch --data $D --budget-s $OM_S --margin-s $MARGIN \
   --vae-from runs --out $R/openmoji --set "${OMSET[@]}" > $R/openmoji.txt 2>&1 &
 python3 bench/cifar_pngs.py --data $D/cifar10 --n $PNGS --out /tmp/cifar-png > /dev/null
 (  # lane A: the guidance sweep, then the grid
 for cfg in $CFGS; do
-  extra=(); n=${NC:-$N}; [ $cfg = 3 ] && extra=(--baselines --vae-psnr) && n=$N
+  extra=(); n=$NC; [ $cfg = 3 ] && extra=(--baselines --vae-psnr) && n=$N
   ev "${E[@]}" --n $n --cfg-scale $cfg "${extra[@]}" --out $R/eval-cfg$cfg > $R/eval-cfg$cfg.txt 2>&1
   stage "eval cfg $cfg: exit $?"
 done
