@@ -65,8 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=ALL_KINDS, metavar="SET|FILE", help=f"a prompt set of the suite ({kinds}), "
                    f"'{ALL_KINDS}' for every set, or a UTF-8 text file with one prompt a line "
                    "(blank lines and lines starting with # are skipped) (default: %(default)s)")  # fmt: skip
-    p.add_argument("--n", type=int, metavar="N", help=f"prompts per set (default: {DEFAULT_N}); with a FILE: "
-                   "only its first N prompts (default: all)")  # fmt: skip
+    p.add_argument("--n", type=int, metavar="N", help=f"prompts per set (default: {DEFAULT_N}); --suite cifar10: "
+                   "images per class (10 N in all); with a FILE: only its first N prompts (default: all)")  # fmt: skip
     p.add_argument("--prompt-seed", type=int, default=0, metavar="S", help="which prompts a set draws; the sets "
                    "for a larger --n start with those of a smaller one (default: %(default)s)")  # fmt: skip
     p.add_argument("--steps", type=int, default=25, help="sampling steps (default: %(default)s)")
