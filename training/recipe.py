@@ -1,14 +1,15 @@
-"""``ldm train`` with no arguments: the embedded default's two stages at CPU scale, in about 10 minutes on 2 cores.
+"""``ldm train`` with no arguments: the embedded default's two stages at CPU scale, in about 14 minutes on 2 cores.
 
     stage 1  configs/train/shapes-vae.yaml   the KL-f4 autoencoder of the builtin shapes         -> OUT/vae/
     stage 2  configs/train/shapes.yaml       U-Net + text tower on that VAE (its model-ema)       -> OUT/model/
 
 The committed model's configurations (docs/default_model.md) with fewer rows, other batch sizes and fewer steps
 (CPU_OVERRIDES), and for stage 2 a smaller U-Net and text tower with a 16-token context (CPU_MODEL). Measured on 2
-CPU cores, 2026-11-27: 10 min 17 s in all; the VAE (500 steps of 8) reaches 27.9 dB validation PSNR; the U-Net
-(1,600 steps of 128, 204,800 images) gets colour and shape right for 69% of 200 held-out single-object prompts, but
-places objects at about chance and draws two-object relations right 3.5% of the time. The committed model (the
-larger architecture, ~3.3M samples on an H200) does all of it: 99.5% single, 97.5% relation. The result loads like any model:
+CPU cores, 2026-11-27: 13 min 53 s in all; the VAE (500 steps of 8) reaches 27.9 dB validation PSNR; the U-Net
+(2,400 steps of 128, 307,200 images) gets colour and shape right for 80% of 200 held-out single-object prompts
+(every check, size and position included: 73%), but two-object prompts with a relation fully right for only 10%.
+The committed model (the larger architecture, ~3.3M samples on an H200) does both: 99.5% single, 97.5% relation.
+The result loads like any model:
 
     ldm txt2img --model runs/default/model/model "a red circle" --cfg 5
     ldm eval --model runs/default/model/model --n 50
@@ -36,17 +37,17 @@ CPU_OVERRIDES = {
                         "validation.every=250", "log_every=20"],  # fmt: skip
     # ema.decay 0.99: an average over the last ~100 steps (0.999 lags the weights at this length).
     # batch 128: 2 cores train the committed U-Net at ~160-185 img/s at batch 128-256 against 84-100 at batch 32
-    "shapes.yaml": ["shapes.rows=4000", "batch_size=128", "max_steps=1600", "lr_schedule.warmup_steps=50",
-                    "data.num_workers=0", "checkpoint_every=400", "validation.every=800", "log_every=20",
+    "shapes.yaml": ["shapes.rows=4000", "batch_size=128", "max_steps=2400", "lr_schedule.warmup_steps=50",
+                    "data.num_workers=0", "checkpoint_every=600", "validation.every=1200", "log_every=20",
                     "validation.images_per_prompt=2", "ema.decay=0.99"],  # fmt: skip
 }
-# Stage 2's model changes, appended to the YAML's model.overrides: a smaller U-Net and text tower (4.2M parameters
-# against 8.3M: 32 channels, one res block per level, 2 text layers), which 2 cores train at ~430 img/s against ~170,
-# and a 16-token text context (the captions have at most 12 tokens; 20% faster than 77). In ~10 minutes, the small
-# model's 204,800 images get colour and shape right for 69% of held-out single-object prompts; the committed
-# architecture's 102,400 for 24% (docs/default_model.md).
-CPU_MODEL = ["unet.model_channels=32", "unet.num_res_blocks=1", "unet.num_head_channels=16", "text[0].layers=2",
-             "text[0].context_length=16"]  # fmt: skip
+# Stage 2's model changes, appended to the YAML's model.overrides: a smaller U-Net and text tower (3.5M trainable
+# parameters against 8.3M: 32 channels, two levels, one res block per level, 2 text layers), which 2 cores train at
+# ~420 img/s against ~170, and a 16-token text context (the captions have at most 12 tokens; 20% faster than 77). In
+# ~12 minutes its 307,200 images get colour and shape right for 80% of held-out single-object prompts; the committed
+# architecture's 102,400 images in ~10 minutes for 24% (docs/default_model.md).
+CPU_MODEL = ["unet.model_channels=32", "unet.channel_mult=[1,2]", "unet.transformer_depth=[1,1]",
+             "unet.num_res_blocks=1", "unet.num_head_channels=16", "text[0].layers=2", "text[0].context_length=16"]
 
 
 def _model_overrides(yaml_name: str, extra: list[str]) -> str:
@@ -64,13 +65,14 @@ def stage_configs(out: str = OUT, extra: list[str] = ()):
     """The two TrainConfigs of the recipe (stage 2's ``model.vae`` is stage 1's EMA model)."""
     vae = load_train_config(CONFIGS / "shapes-vae.yaml", CPU_OVERRIDES["shapes-vae.yaml"] + [f"output_dir={out}/vae"]
                             + list(extra))  # fmt: skip
-    unet_overrides = CPU_OVERRIDES["shapes.yaml"] + [_model_overrides("shapes.yaml", CPU_MODEL), f"output_dir={out}/model",
-                                                     f"model.vae={out}/vae/model-ema"]  # fmt: skip
+    unet_overrides = CPU_OVERRIDES["shapes.yaml"] + [_model_overrides("shapes.yaml", CPU_MODEL),
+                                                     f"output_dir={out}/model", f"model.vae={out}/vae/model-ema"]
     return vae, unet_overrides
 
 
 def run_default(out: str = OUT, extra: list[str] = ()) -> Path:
-    """Train both stages (each resumes where an interrupted earlier call stopped); returns the EMA model folder."""
+    """Train both stages (each resumes where an interrupted earlier call stopped); returns stage 2's model folder
+    (raw weights)."""
     from .train import train
 
     vae_cfg, unet_overrides = stage_configs(out, extra)
