@@ -13,13 +13,15 @@ source bench/shapes_common.sh
 OUT=${OUT:-out}; mkdir -p "$OUT"; R=/tmp/sweep; mkdir -p $R
 DEV=${DEV:-cuda}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-ARCH='vae.base_channels=32, "vae.channel_mult=[1,2,2]", vae.num_res_blocks=1, vae.norm_num_groups=16, unet.model_channels=48, "unet.channel_mult=[1,2,2]", "unet.transformer_depth=[1,1,1]", unet.num_res_blocks=2, unet.num_head_channels=24, unet.norm_groups=16, unet.context_dim=48, "text[0].width=48", "text[0].layers=4", "text[0].heads=4", "text[0].context_length=16"'
-SMALL='vae.base_channels=32, "vae.channel_mult=[1,2,2]", vae.num_res_blocks=1, vae.norm_num_groups=16, unet.model_channels=32, "unet.channel_mult=[1,2,2]", "unet.transformer_depth=[1,1,1]", unet.num_res_blocks=1, unet.num_head_channels=16, unet.norm_groups=16, unet.context_dim=48, "text[0].width=48", "text[0].layers=2", "text[0].heads=4", "text[0].context_length=16"'
+# model.overrides: configs/train/shapes.yaml's architecture (the committed one) plus a variant's changes
+mo() { python3 -c "import sys; from training.recipe import _model_overrides; print(_model_overrides('shapes.yaml', sys.argv[1:]))" "$@"; }
+ARCH=('text[0].context_length=16')  # the committed architecture with the recipe's 16-token context
+SMALL=(unet.model_channels=32 unet.num_res_blocks=1 unet.num_head_channels=16 'text[0].layers=2' 'text[0].context_length=16')
 BASE="shapes.rows=4000 batch_size=128 max_steps=800 lr_schedule.warmup_steps=50 data.num_workers=0 checkpoint_every=0 validation.every=0 log_every=50 validation.prompts=[] model.vae=.carry/recipe-vae ${EXTRA:-}"
-run() {  # name, model overrides (inside the list), further overrides...
+run() {  # name, model.overrides=[...], further overrides...
   local n=$1 ov=$2; shift 2
   local s=$(date +%s)
-  python3 -m training.train configs/train/shapes.yaml $BASE output_dir=$R/$n "model.overrides=[$ov]" "$@" > $R/$n.log 2>&1 \
+  python3 -m training.train configs/train/shapes.yaml $BASE output_dir=$R/$n "$ov" "$@" > $R/$n.log 2>&1 \
     || { echo "$n: training failed" >> $OUT/summary.txt; tail -5 $R/$n.log >> $OUT/summary.txt; return; }
   for w in model-ema model; do
     ev --model $R/$n/$w --prompts both --n ${EVN:-50} --steps 25 --sampler dpmpp_2m --cfg-scale 5 --batch-size 100 --device $DEV \
@@ -28,13 +30,14 @@ run() {  # name, model overrides (inside the list), further overrides...
     cp $R/$n-eval-$w/grid-single.png $OUT/$n-$w-single.png 2>/dev/null
   done
 }
-run eps "$ARCH" &
-run v "$ARCH, \"diffusion.prediction=v\"" &
-run v_lr2 "$ARCH, \"diffusion.prediction=v\"" optim.lr=2e-3 &
-run v_rows20k "$ARCH, \"diffusion.prediction=v\"" shapes.rows=20000 &
-run v_small "$SMALL, \"diffusion.prediction=v\"" &
-run v_minsnr "$ARCH, \"diffusion.prediction=v\"" loss.weighting=min_snr &
-run v_zsnr "$ARCH, \"diffusion.prediction=v\", diffusion.schedule.zero_terminal_snr=true" &
-run v_2x "$ARCH, \"diffusion.prediction=v\"" max_steps=${LONG:-1600} &
+V=diffusion.prediction=v
+run eps "$(mo "${ARCH[@]}")" &
+run v "$(mo "${ARCH[@]}" $V)" &
+run v_lr2 "$(mo "${ARCH[@]}" $V)" optim.lr=2e-3 &
+run v_rows20k "$(mo "${ARCH[@]}" $V)" shapes.rows=20000 &
+run v_small "$(mo "${SMALL[@]}" $V)" &
+run v_minsnr "$(mo "${ARCH[@]}" $V)" loss.weighting=min_snr &
+run v_zsnr "$(mo "${ARCH[@]}" $V diffusion.schedule.zero_terminal_snr=true)" &
+run v_2x "$(mo "${ARCH[@]}" $V)" max_steps=${LONG:-1600} &
 wait
 cat $OUT/summary.txt
