@@ -21,7 +21,8 @@ def test_the_cpu_recipe_trains_the_committed_architecture(tmp_path):
     assert unet_cfg.model.overrides == written + CPU_MODEL  # the YAML's architecture, once, then the CPU changes
     assert unet_cfg.model.vae == f"{out}/vae/model-ema" and unet_cfg.output_dir == f"{out}/model"
     assert vae_cfg.output_dir == f"{out}/vae" and vae_cfg.task == "vae"
-    assert (unet_cfg.batch_size, unet_cfg.max_steps, unet_cfg.ema.decay) == (128, 2400, 0.99)
+    assert (unet_cfg.batch_size, unet_cfg.max_steps, unet_cfg.ema.decay) == (128, 1200, 0.99)
+    assert (unet_cfg.optim.lr, unet_cfg.loss.weighting, unet_cfg.loss.min_snr_gamma) == (2e-3, "min_snr", 5.0)
 
     recipe = unet_cfg.model.model_config()
     committed = load_model_config(Path(default_model.__file__).parent / "config.yaml")
