@@ -30,10 +30,13 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="further overrides of stage 2")
     p.add_argument("--model-extra", nargs="*", default=[], metavar="KEY=VALUE",
                    help="model overrides appended after the recipe's CPU_MODEL")
-    p.add_argument("--runs", default="runs/default", help="the `ldm train` run whose VAE is used (default: %(default)s)")
+    p.add_argument("--runs", default="runs/default",
+                   help="the `ldm train` run whose VAE is used (default: %(default)s)")
     p.add_argument("--out", default="/tmp/cpu_recipe", help="where runs and evaluations go (default: %(default)s)")
     p.add_argument("--n", type=int, default=200, help="prompts per set for ldm eval (default: %(default)s)")
     a = p.parse_args()
+    if a.n < 1:
+        p.error(f"--n: must be >= 1, got {a.n}")
     vae = Path(a.runs) / "vae" / "model-ema"
     if not (vae / "model.safetensors").is_file():
         sys.exit(f"--runs: {vae}/model.safetensors not found; run `ldm train` (no arguments) first")
@@ -46,7 +49,7 @@ def main() -> None:
     t = time.time()
     train(cfg)
     print(f"{a.name}: stage 2 trained in {time.time() - t:.1f} s", flush=True)
-    subprocess.run(["ldm", "eval", "--model", f"{a.out}/{a.name}/model", "--prompts", "both", "--n", str(a.n),
+    subprocess.run([sys.executable, "-m", "ldm.cli", "eval", "--model", f"{a.out}/{a.name}/model", "--prompts", "both", "--n", str(a.n),
                     "--cfg-scale", "5", "--device", "cpu", "--out", f"{a.out}/{a.name}-eval", "-q"], check=True)
 
 
