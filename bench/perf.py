@@ -15,7 +15,8 @@ Cases (``--only``):
                      StableDiffusionPipeline on the same weights (saved once as a diffusers folder, loaded by both)
     train256 / train512   one training step: forward, backward, fused AdamW, bf16 autocast, fp32 weights,
                      latents and text embeddings precomputed; batch 64 at 256 px / batch 32 at 512 px; peak memory
-    train256_compile the 256 px step with our U-Net compiled (default mode)
+    train256_compile / train512_compile   the same steps with our U-Net compiled (default mode, minutes to compile)
+    unet_b16_compile / sdxl_b2_compile    batch 16 / SDXL compiled (+ channels-last, + CUDA graphs)
 
 Method: bf16 networks (training: fp32 weights under bf16 autocast), CUDA-event timing, median of --reps after
 --warmup calls (end to end and training: wall clock around a synchronized call); FLOPs counted once on the
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -47,9 +49,10 @@ from ldm.unet_keys import diffusers_to_ours  # noqa: E402
 from bench.perf_measure import Plan, Table, count_flops, free, median_ms, randomize_, rel_err, sync  # noqa: E402
 from bench.perf_report import markdown, summary  # noqa: E402
 
-CASES = ("unet_b2", "unet_b2_compile", "unet_b16", "unet_b16_compile", "sdxl_b2", "vae", "e2e", "train256", "train512",
-         "train256_compile")
-OFF = dict(attention_kernel="auto", fused_qkv=False, channels_last=False, cuda_graphs=False)  # the eager baseline
+CASES = ("unet_b2", "unet_b2_compile", "unet_b16", "unet_b16_compile", "sdxl_b2", "sdxl_b2_compile", "vae", "e2e",
+         "train256", "train512", "train256_compile", "train512_compile")
+OFF = dict(attention_kernel="auto", fused_qkv=False, channels_last=False, cuda_graphs=False,
+           low_precision_norms=False)  # the eager baseline
 
 
 # ------------------------------------------------------------------------------------------------ U-Net
@@ -404,19 +407,23 @@ def train_case(plan: Plan, table: Table, case: str, res: int, batch: int, ours_s
     free()
 
 
+_T = dict(attention_kernel="fastest", channels_last=False, compile="none", low_precision_norms=False)
 TRAIN_EAGER = {
-    "eager, SDPA auto": dict(attention_kernel="auto", channels_last=False, compile="none"),
-    "SDPA fastest (default)": dict(attention_kernel="fastest", channels_last=False, compile="none"),
+    "eager, SDPA auto": dict(_T, attention_kernel="auto"),
+    "SDPA fastest": dict(_T),
+    "SDPA fastest + low-precision norms (default)": dict(_T, low_precision_norms=True),
+    "+ low-precision norms + channels-last (eager)": dict(_T, low_precision_norms=True, channels_last=True),
 }
 TRAIN_COMPILE = {
-    "SDPA fastest + compile default": dict(attention_kernel="fastest", channels_last=False, compile="default"),
+    "compile default + low-precision norms + channels-last": dict(_T, compile="default", low_precision_norms=True,
+                                                                  channels_last=True),
 }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(c for c in CASES if c not in ("train256_compile", "unet_b16_compile")),
-                    help="comma-separated cases (default: all but unet_b16_compile, train256_compile): "
+    ap.add_argument("--only", default=",".join(c for c in CASES if not c.endswith("_compile") or c == "unet_b2_compile"),
+                    help="comma-separated cases (default: all but the compiled b16, SDXL and training ones): "
                     + ", ".join(CASES))  # fmt: skip
     ap.add_argument("--out", default="perf.json")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up, 3 repetitions")
@@ -452,14 +459,18 @@ def main(argv=None) -> int:
         "unet_b16_compile": lambda: unet_case(plan, table, "unet_b16_compile", "sd15", 16, 64,
                                               compile_variants(channels_last_only=True), False),
         "sdxl_b2": lambda: unet_case(plan, table, "sdxl_b2", "sdxl", 2, 128, unet_variants(False), False),
+        "sdxl_b2_compile": lambda: unet_case(plan, table, "sdxl_b2_compile", "sdxl", 2, 128,
+                                             compile_variants(channels_last_only=True), False),
         "vae": lambda: vae_case(plan, table),
         "e2e": lambda: e2e_case(plan, table, not args.no_e2e_compile),
         "train256": lambda: train_case(plan, table, "train256", 256, 64, TRAIN_EAGER),
         "train512": lambda: train_case(plan, table, "train512", 512, 32, TRAIN_EAGER),
         "train256_compile": lambda: train_case(plan, table, "train256_compile", 256, 64, TRAIN_COMPILE),
+        "train512_compile": lambda: train_case(plan, table, "train512_compile", 512, 32, TRAIN_COMPILE),
     }
     failures = []
     for c in cases:
+        torch._dynamo.reset()  # each case compiles from scratch: no guards or dynamic-shape marks from the last one
         t0 = time.perf_counter()
         try:
             runs[c]()

@@ -26,6 +26,10 @@ what it was.
                       removes the ~1,000 kernel launches' host cost, which dominates at batch 2. Inference only
                       (no gradients), CUDA only; the inputs are copied into static buffers, the output is cloned.
                       auto: on with CUDA for inference unless compile is reduce-overhead (which captures its own).
+    low_precision_norms  GroupNorm / LayerNorm in the autocast dtype (bf16) instead of autocast's fp32 (ldm/norms.py):
+                      half the bytes for each norm, the SiLU after it and what the backward keeps. Acts only under
+                      autocast (training with mixed precision); a no-op for fp32 or bf16-weight inference.
+                      auto: on with CUDA.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from torch import Tensor, nn
 from .attention import SDPA_KERNELS
 from .config import check_choices, choice
 from .conditioning import Cond
+from .norms import set_low_precision_norms
 
 COMPILE_MODES = ("none", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 ATTENTION_KERNELS = tuple(SDPA_KERNELS)  # auto | cudnn | flash | efficient | math | fastest
@@ -52,10 +57,11 @@ class SpeedConfig:
     channels_last: Optional[bool] = None  # None: auto (CUDA and compiled)
     compile: str = choice("none", *COMPILE_MODES)
     cuda_graphs: Optional[bool] = None  # None: auto (CUDA inference, unless compile=reduce-overhead)
+    low_precision_norms: Optional[bool] = None  # None: auto (CUDA); acts only under autocast
 
     def __post_init__(self) -> None:
         check_choices(self, "speed")
-        for name in ("fused_qkv", "channels_last", "cuda_graphs"):
+        for name in ("fused_qkv", "channels_last", "cuda_graphs", "low_precision_norms"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise ValueError(f"speed.{name}: must be true, false or null (auto), got {v!r}")
@@ -81,6 +87,7 @@ class SpeedConfig:
             channels_last=_auto(self.channels_last, cuda and compiled),
             compile=self.compile,
             cuda_graphs=_auto(self.cuda_graphs, cuda and not training and self.compile != "reduce-overhead"),
+            low_precision_norms=_auto(self.low_precision_norms, cuda),
         )
 
 
@@ -95,6 +102,7 @@ class ResolvedSpeed:
     channels_last: bool
     compile: str
     cuda_graphs: bool
+    low_precision_norms: bool = False
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
@@ -122,11 +130,15 @@ def apply_speed(unet: nn.Module, cfg: SpeedConfig | None = None, *, training: bo
                 m.fused_projection()  # built now, eagerly, so a compiled graph only reads the buffer
         if isinstance(m, SpatialTransformer):
             m.channels_last = r.channels_last
+    if r.low_precision_norms:
+        set_low_precision_norms(unet, True)
     if r.channels_last:
         unet.to(memory_format=torch.channels_last)
     if r.compile != "none" and hasattr(unet, "_forward"):
         mode = None if r.compile == "default" else r.compile
-        unet._forward = torch.compile(unet._forward, mode=mode)  # the body; checks + kernel context stay eager
+        # the body; checks + kernel context stay eager. dynamic=False: each input shape gets its own static graph
+        # (what CUDA graphs replay anyway), never a symbolic-shape recompile of a second shape
+        unet._forward = torch.compile(unet._forward, mode=mode, dynamic=False)
     if r.cuda_graphs:
         unet.forward = CUDAGraphForward(unet.forward)
     unet.speed = r
@@ -146,6 +158,8 @@ def remove_speed(unet: nn.Module) -> None:
             m.fuse_projections(False)
         if isinstance(m, SpatialTransformer):
             m.channels_last = False
+    if unet.speed.low_precision_norms:
+        set_low_precision_norms(unet, False)
     if unet.speed.channels_last:
         unet.to(memory_format=torch.contiguous_format)
     if unet.speed.attention_kernel is not None and hasattr(unet, "set_attention_backend"):
