@@ -301,7 +301,8 @@ def _hf_tokenizer():
 # ------------------------------------------------------------------------------------------------ training
 
 
-def train_case(plan: Plan, table: Table, case: str, res: int, batch: int, ours_specs: dict) -> None:
+def train_case(plan: Plan, table: Table, case: str, res: int, batch: int, ours_specs: dict,
+               ref_benchmark: bool = False) -> None:
     """fp32 weights, bf16 autocast, fused AdamW, MSE on eps; latents and text embeddings precomputed (random)."""
     from diffusers import UNet2DConditionModel
 
@@ -341,8 +342,9 @@ def train_case(plan: Plan, table: Table, case: str, res: int, batch: int, ours_s
 
         return step
 
-    def measure(label, impl, build, call, flops=None, spec=None):
+    def measure(label, impl, build, call, flops=None, spec=None, benchmark=False):  # benchmark: cudnn.benchmark
         free()
+        torch.backends.cudnn.benchmark = benchmark  # process-wide: only the diffusers row that asks for it
         before = 0
         if plan.device.startswith("cuda"):  # the step's own peak: what earlier cases left allocated is subtracted
             torch.cuda.reset_peak_memory_stats()
@@ -392,7 +394,15 @@ def train_case(plan: Plan, table: Table, case: str, res: int, batch: int, ours_s
     d_row, flops = measure("eager, fused AdamW", "diffusers", build_ref,
                            lambda m, x, t: m(x, t, encoder_hidden_states=context).sample)  # fmt: skip
     table.add(**d_row)
+    if ref_benchmark:  # cudnn.benchmark, the process-wide switch anyone can set: measured to change nothing here
+        b_row, _ = measure("eager, fused AdamW + cuDNN benchmark", "diffusers", build_ref,
+                           lambda m, x, t: m(x, t, encoder_hidden_states=context).sample, flops, benchmark=True)
+        b_row["ratio_img_s"] = b_row["img_s"] / d_row["img_s"]
+        table.add(**b_row)
     for label, spec in ours_specs.items():
+        if plan.variants and plan.variants not in label:
+            continue
+
         def build_ours(spec=spec):
             with torch.device(plan.device):
                 m = UNet(cfg)
@@ -417,12 +427,14 @@ TRAIN_EAGER = {
 TRAIN_COMPILE = {
     "compile default + low-precision norms + channels-last": dict(_T, compile="default", low_precision_norms=True,
                                                                   channels_last=True),
+    "compile default + low-precision norms (NCHW weights)": dict(_T, compile="default", low_precision_norms=True),
 }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(c for c in CASES if not c.endswith("_compile") or c == "unet_b2_compile"),
+    default_cases = [c for c in CASES if not c.endswith("_compile") or c == "unet_b2_compile"]
+    ap.add_argument("--only", default=",".join(default_cases),
                     help="comma-separated cases (default: all but the compiled b16, SDXL and training ones): "
                     + ", ".join(CASES))  # fmt: skip
     ap.add_argument("--out", default="perf.json")
@@ -432,6 +444,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-reps", type=int, default=20)
     ap.add_argument("--peak", type=float, default=790.0, help="bf16 matmul peak in TFLOP/s for MFU")
     ap.add_argument("--tol", type=float, default=3e-2)
+    ap.add_argument("--variants", default="", help="training cases: only our variants whose label contains this")
     ap.add_argument("--no-e2e-compile", action="store_true", help="skip the compiled end-to-end variant (~1 min)")
     args = ap.parse_args(argv)
     cases = [c.strip() for c in args.only.split(",") if c.strip()]
@@ -442,7 +455,7 @@ def main(argv=None) -> int:
     quick = args.quick or args.tiny
     plan = Plan(device=device, dtype=torch.bfloat16, tiny=args.tiny, warmup=1 if quick else 5,
                 reps=3 if quick else args.reps, train_reps=3 if quick else args.train_reps, peak=args.peak,
-                tol=args.tol)  # fmt: skip
+                tol=args.tol, variants=args.variants)  # fmt: skip
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     table = Table(plan)
@@ -463,14 +476,15 @@ def main(argv=None) -> int:
                                              compile_variants(channels_last_only=True), False),
         "vae": lambda: vae_case(plan, table),
         "e2e": lambda: e2e_case(plan, table, not args.no_e2e_compile),
-        "train256": lambda: train_case(plan, table, "train256", 256, 64, TRAIN_EAGER),
-        "train512": lambda: train_case(plan, table, "train512", 512, 32, TRAIN_EAGER),
+        "train256": lambda: train_case(plan, table, "train256", 256, 64, TRAIN_EAGER, ref_benchmark=True),
+        "train512": lambda: train_case(plan, table, "train512", 512, 32, TRAIN_EAGER, ref_benchmark=True),
         "train256_compile": lambda: train_case(plan, table, "train256_compile", 256, 64, TRAIN_COMPILE),
         "train512_compile": lambda: train_case(plan, table, "train512_compile", 512, 32, TRAIN_COMPILE),
     }
     failures = []
     for c in cases:
         torch._dynamo.reset()  # each case compiles from scratch: no guards or dynamic-shape marks from the last one
+        torch.backends.cudnn.benchmark = False  # the default; only the diffusers "+ cuDNN benchmark" row sets it
         t0 = time.perf_counter()
         try:
             runs[c]()

@@ -26,6 +26,7 @@ class Plan:
     train_reps: int
     peak: float
     tol: float
+    variants: str = ""  # training cases: only our variants whose label contains this (empty: all)
 
     def unet_cfg(self, name: str) -> UNetConfig:
         cfg = UNetConfig.sdxl_base() if name == "sdxl" else UNetConfig.sd15()
