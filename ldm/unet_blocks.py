@@ -4,7 +4,7 @@ Module and parameter names follow the original LDM / SGM ``openaimodel.py`` (Ho 
 improved by Dhariwal & Nichol 2021), so that an original checkpoint's ``model.diffusion_model.*`` keys
 load after stripping that prefix. The original wraps GroupNorm in ``GroupNorm32`` (normalize in fp32,
 cast back); we use plain ``nn.GroupNorm`` in the model dtype like diffusers: the same in fp32, one
-copy less in half precision (where autocast already runs group norm in fp32).
+copy less in half precision (where autocast already runs group norm in fp32; ldm/norms.py keeps it in bf16).
 """
 from __future__ import annotations
 
