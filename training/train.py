@@ -230,7 +230,10 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
         named = _unet_side(cfg, bundle, device, weight_dtype)
     towers = TextTowers(bundle.text)
     if vae_step is None:
-        apply_speed(bundle.unet, cfg.speed, training=True)  # ldm/speed.py: attention kernel, channels-last, compile
+        applied = apply_speed(bundle.unet, cfg.speed, training=True)  # ldm/speed.py: attention kernel, norms, compile
+        if main and device.type == "cuda" and applied.compile == "none" and cfg.max_steps >= 5000:  # a hint, no more
+            logger.info("speed: %d steps uncompiled; speed.compile=default measured 1.24-1.42x faster steps for SD 1.5 "
+                        "on an H200 after ~4 min of compiling (BENCHMARKS.md)", cfg.max_steps)  # fmt: skip
     sharded = dist.is_sharded(accelerator)
     if sharded:  # FSDP: the U-Net's parameters become shards (DTensors) before the optimizer and EMA see them
         named = dist.shard_bundle_unet(bundle, accelerator, weight_dtype)
