@@ -118,3 +118,13 @@ def test_auto_is_on_with_cuda_only():
     assert not SpeedConfig().resolve("cpu", training=True).low_precision_norms
     with pytest.raises(ValueError, match=r"speed\.low_precision_norms"):
         SpeedConfig(low_precision_norms="yes")
+
+
+def test_training_config_key():
+    from ldm.config import ConfigError
+    from training.config import load_train_config
+
+    assert load_train_config(None, ["speed.low_precision_norms=false"]).speed.low_precision_norms is False
+    assert load_train_config(None, []).speed.low_precision_norms is None  # auto
+    with pytest.raises((ConfigError, ValueError), match=r"speed\.low_precision_norms"):
+        load_train_config(None, ["speed.low_precision_norms=maybe"])
