@@ -49,8 +49,9 @@ def main() -> None:
     t = time.time()
     train(cfg)
     print(f"{a.name}: stage 2 trained in {time.time() - t:.1f} s", flush=True)
-    subprocess.run([sys.executable, "-m", "ldm.cli", "eval", "--model", f"{a.out}/{a.name}/model", "--prompts", "both", "--n", str(a.n),
-                    "--cfg-scale", "5", "--device", "cpu", "--out", f"{a.out}/{a.name}-eval", "-q"], check=True)
+    subprocess.run([sys.executable, "-m", "ldm.cli", "eval", "--model", f"{a.out}/{a.name}/model", "--prompts", "both",
+                    "--n", str(a.n), "--cfg-scale", "5", "--device", "cpu", "--out", f"{a.out}/{a.name}-eval", "-q"],
+                   check=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ Cases (``--only``):
     vae              VAE decode to 512x512, batch 1
     e2e              txt2img 512x512, 25 steps DPM-Solver++ 2M, CFG 7.5, batch 1: text encoder + U-Net + VAE, against
                      StableDiffusionPipeline on the same weights (saved once as a diffusers folder, loaded by both)
-    train256 / train512   one training step: forward, backward, fused AdamW, bf16 autocast, fp32 weights,
-                     latents and text embeddings precomputed; batch 64 at 256 px / batch 32 at 512 px; peak memory
+    train256 / train512   one training step (bench/perf_train.py): forward, backward, fused AdamW, bf16 autocast,
+                     fp32 weights, latents and text embeddings precomputed; batch 64 at 256 px / batch 32 at 512 px;
+                     peak memory
     train256_compile / train512_compile   the same steps with our U-Net compiled (default mode, minutes to compile)
     unet_b16_compile / sdxl_b2_compile    batch 16 / SDXL compiled (+ channels-last, + CUDA graphs)
 
@@ -36,8 +37,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -48,6 +47,7 @@ from ldm.unet_keys import diffusers_to_ours  # noqa: E402
 
 from bench.perf_measure import Plan, Table, count_flops, free, median_ms, randomize_, rel_err, sync  # noqa: E402
 from bench.perf_report import markdown, summary  # noqa: E402
+from bench.perf_train import TRAIN_COMPILE, TRAIN_EAGER, train_case  # noqa: E402
 
 CASES = ("unet_b2", "unet_b2_compile", "unet_b16", "unet_b16_compile", "sdxl_b2", "sdxl_b2_compile", "vae", "e2e",
          "train256", "train512", "train256_compile", "train512_compile")
@@ -296,139 +296,6 @@ def _hf_tokenizer():
     vocab = {rename.get(tok, tok): i for tok, i in st.encoder.items()}
     merges = [pair for pair, _ in sorted(st.bpe_ranks.items(), key=lambda kv: kv[1])]
     return CLIPTokenizer(vocab=vocab, merges=merges)
-
-
-# ------------------------------------------------------------------------------------------------ training
-
-
-def train_case(plan: Plan, table: Table, case: str, res: int, batch: int, ours_specs: dict,
-               ref_benchmark: bool = False) -> None:
-    """fp32 weights, bf16 autocast, fused AdamW, MSE on eps; latents and text embeddings precomputed (random)."""
-    from diffusers import UNet2DConditionModel
-
-    from ldm.components import unet_config_to_diffusers
-
-    cfg = plan.unet_cfg("sd15")
-    side, batch = (16, 2) if plan.tiny else (res // 8, batch)
-    dcfg = {k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")}
-    with torch.device(plan.device):
-        ref = randomize_(UNet2DConditionModel(**dcfg), seed=1)
-    state = {k: v.to("cpu") for k, v in ref.state_dict().items()}
-    del ref
-    free()
-    g = torch.Generator(plan.device).manual_seed(5)
-    latents = torch.randn(batch, 4, side, side, generator=g, device=plan.device)  # precomputed VAE latents
-    context = torch.randn(batch, 77, cfg.context_dim, generator=g, device=plan.device)  # precomputed text
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, device=plan.device, dtype=torch.float64) ** 2
-    acp = torch.cumprod(1 - betas, 0).float()
-    fused = plan.device.startswith("cuda")
-    amp = dict(device_type="cuda" if fused else "cpu", dtype=torch.bfloat16)
-
-    def make_step(call, params):
-        opt = torch.optim.AdamW(params, lr=1e-6, fused=fused or None)
-
-        def step():
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, 1000, (batch,), device=plan.device)
-            a = acp[t].view(-1, 1, 1, 1)
-            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-            with torch.autocast(**amp):
-                pred = call(noisy, t)
-            loss = F.mse_loss(pred.float(), noise)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
-        return step
-
-    def measure(label, impl, build, call, flops=None, spec=None, benchmark=False):  # benchmark: cudnn.benchmark
-        free()
-        torch.backends.cudnn.benchmark = benchmark  # process-wide: only the diffusers row that asks for it
-        before = 0
-        if plan.device.startswith("cuda"):  # the step's own peak: what earlier cases left allocated is subtracted
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        model = build()
-        model.train()
-        step = make_step(lambda x, t: call(model, x, t), list(model.parameters()))
-        if flops is None:  # forward + backward of one step, counted once
-            with FlopCounterMode(display=False) as fc:
-                with torch.autocast(**amp):
-                    out = call(model, latents, torch.full((batch,), 500, device=plan.device))
-                out.float().square().mean().backward()
-            model.zero_grad(set_to_none=True)
-            flops = fc.get_total_flops()
-        torch.manual_seed(0)
-        t0 = time.perf_counter()
-        step()
-        sync(plan.device)
-        first_s = time.perf_counter() - t0
-        ms = median_ms(step, plan, warmup=2, reps=plan.train_reps, events=True)
-        peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if plan.device.startswith("cuda") else float("nan")
-        row = dict(case=case, impl=impl, variant=label, ms=ms, img_s=batch / ms * 1e3, flops=flops,
-                   tflops=flops / ms / 1e9, mfu=flops / ms / 1e9 / plan.peak, peak_gib=peak)  # fmt: skip
-        if first_s > 5:
-            row["first_call_s"] = first_s
-        if spec is not None:  # the optimised forward against our eager fp32 forward, same weights and inputs
-            n = min(batch, 4)
-            with torch.no_grad():
-                fresh = UNet(cfg).to(plan.device)
-                x, tt, c = latents[:n], torch.linspace(17.0, 981.0, n, device=plan.device), context[:n]
-                fresh.load_state_dict(model.state_dict())  # the trained weights: compare like with like
-                r32 = fresh(x, tt, Cond(context=c))
-                with torch.autocast(**amp):
-                    o = model(x, tt, Cond(context=c))
-                del fresh
-            row["err"] = rel_err(o, r32)
-            row["ok"] = row["err"] < plan.tol
-        del model, step
-        return row, flops
-
-    def build_ref():
-        with torch.device(plan.device):
-            m = UNet2DConditionModel(**dcfg)
-        m.load_state_dict(state)
-        return m
-
-    d_row, flops = measure("eager, fused AdamW", "diffusers", build_ref,
-                           lambda m, x, t: m(x, t, encoder_hidden_states=context).sample)  # fmt: skip
-    table.add(**d_row)
-    if ref_benchmark:  # cudnn.benchmark, the process-wide switch anyone can set: measured to change nothing here
-        b_row, _ = measure("eager, fused AdamW + cuDNN benchmark", "diffusers", build_ref,
-                           lambda m, x, t: m(x, t, encoder_hidden_states=context).sample, flops, benchmark=True)
-        b_row["ratio_img_s"] = b_row["img_s"] / d_row["img_s"]
-        table.add(**b_row)
-    for label, spec in ours_specs.items():
-        if plan.variants and plan.variants not in label:
-            continue
-
-        def build_ours(spec=spec):
-            with torch.device(plan.device):
-                m = UNet(cfg)
-            m.load_state_dict(diffusers_to_ours(state, cfg))
-            apply_speed(m, SpeedConfig(**spec), training=True)
-            return m
-
-        row, _ = measure(label, "ours", build_ours, lambda m, x, t: m(x, t, Cond(context=context)), flops, spec)
-        row["ratio_img_s"] = row["img_s"] / d_row["img_s"]
-        row["peak_ratio"] = row["peak_gib"] / d_row["peak_gib"] if d_row["peak_gib"] == d_row["peak_gib"] else None
-        table.add(**row)
-    free()
-
-
-_T = dict(attention_kernel="fastest", channels_last=False, compile="none", low_precision_norms=False)
-TRAIN_EAGER = {
-    "eager, SDPA auto": dict(_T, attention_kernel="auto"),
-    "SDPA fastest": dict(_T),
-    "SDPA fastest + low-precision norms (default)": dict(_T, low_precision_norms=True),
-    "+ low-precision norms + channels-last (eager)": dict(_T, low_precision_norms=True, channels_last=True),
-}
-TRAIN_COMPILE = {
-    "compile default + low-precision norms + channels-last": dict(_T, compile="default", low_precision_norms=True,
-                                                                  channels_last=True),
-    "compile default + low-precision norms (NCHW weights)": dict(_T, compile="default", low_precision_norms=True),
-}
 
 
 def main(argv=None) -> int:

@@ -2,8 +2,9 @@
 
     python bench/profile_train.py --res 512 --batch 32 --compile default --out $OUT/profile512.txt
 
-Same step as bench/perf.py's training cases (fp32 weights, bf16 autocast, fused AdamW, MSE on eps, precomputed
-latents and text), our U-Net with the speed switches given (random weights: the time does not depend on them).
+The step of bench/perf.py's training cases (bench/perf_train.py ``make_train_step``: fp32 weights, bf16 autocast,
+fused AdamW, MSE on eps, precomputed latents and text), our U-Net with the speed switches given (random weights: the
+time does not depend on them).
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.perf_train import make_train_step  # noqa: E402
 from ldm.conditioning import Cond  # noqa: E402
 from ldm.speed import SpeedConfig, apply_speed  # noqa: E402
 from ldm.unet import UNet, UNetConfig  # noqa: E402
@@ -50,6 +51,8 @@ def main() -> int:
     ap.add_argument("--out", default="profile.txt")
     ap.add_argument("--copies", action="store_true", help="also: which operators launch the copy kernels (CPU trace)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (it profiles GPU kernels)")
     dev = "cuda"
     cfg = UNetConfig.sd15()
     with torch.device(dev):
@@ -61,18 +64,7 @@ def main() -> int:
     g = torch.Generator(dev).manual_seed(0)
     latents = torch.randn(args.batch, 4, side, side, generator=g, device=dev)
     context = torch.randn(args.batch, 77, cfg.context_dim, generator=g, device=dev)
-    acp = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, device=dev) ** 2, 0)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-6, fused=True)
-
-    def step():
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (args.batch,), device=dev)
-        a = acp[t].view(-1, 1, 1, 1)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            pred = unet(a.sqrt() * latents + (1 - a).sqrt() * noise, t, Cond(context=context))
-        F.mse_loss(pred.float(), noise).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = make_train_step(lambda x, t: unet(x, t, Cond(context=context)), list(unet.parameters()), latents)
 
     for _ in range(4):
         step()
