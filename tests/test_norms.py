@@ -1,13 +1,16 @@
 """ldm/norms.py: GroupNorm / LayerNorm kept in the autocast dtype, against a float64 norm of the same input.
 
-Under CPU bf16 autocast (the CUDA path's semantics; the switch is on by default only with CUDA) the low-precision
-norms return bf16, within bf16 rounding of the float64 norm; outside autocast they are nn.GroupNorm / nn.LayerNorm
-bit for bit; gradients reach the fp32 affine parameters; the switch keeps the state dict and undoes itself.
+Under CPU bf16 autocast the low-precision norms return bf16, within bf16 rounding of the float64 norm, and they
+call the functional norm with autocast off and bf16 affine weights: what keeps CUDA's autocast from lifting it to
+fp32 (CPU autocast does not lift norms, so there the output dtype alone cannot show the switch; the switch is on by
+default only with CUDA). Outside autocast they are nn.GroupNorm / nn.LayerNorm bit for bit; gradients reach the fp32
+affine parameters; the switch keeps the state dict and undoes itself.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ldm.norms import LowPrecisionGroupNorm, LowPrecisionLayerNorm, set_low_precision_norms
@@ -59,7 +62,7 @@ def test_low_precision_norm_stays_bf16_within_rounding_of_float64(kind):
         set_low_precision_norms(m, True)
         assert type(m) is {"group": LowPrecisionGroupNorm, "layer": LowPrecisionLayerNorm}[kind]
         out = m(xb)
-        assert out.dtype == BF16  # autocast's own norm would have returned fp32
+        assert out.dtype == BF16
         expected = ref(xb)  # the norm of the bf16 input the module was given
         assert rel(out.double(), expected) < BF16_TOL
         assert m(x).dtype == torch.float32  # an fp32 input inside autocast: the plain norm, fp32 out
@@ -69,6 +72,23 @@ def test_low_precision_norm_stays_bf16_within_rounding_of_float64(kind):
         assert rel(m(x).double(), ref(x)) < 1e-5
     set_low_precision_norms(m, False)
     assert type(m) is plain
+
+
+@pytest.mark.parametrize("kind", ["group", "layer"])
+def test_the_norm_runs_with_autocast_off_and_low_precision_weights(kind, monkeypatch):
+    m, x, _ = make(kind)
+    set_low_precision_norms(m, True)
+    name = "group_norm" if kind == "group" else "layer_norm"
+    real, seen = getattr(F, name), []
+
+    def spy(inp, *args, **kwargs):  # (autocast on?, input dtype, dtypes of the tensor arguments: weight, bias)
+        seen.append((torch.is_autocast_enabled("cpu"), inp.dtype, [a.dtype for a in args if torch.is_tensor(a)]))
+        return real(inp, *args, **kwargs)
+
+    monkeypatch.setattr(F, name, spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        m(x.to(BF16))
+    assert seen == [(False, BF16, [BF16, BF16])]
 
 
 @pytest.mark.parametrize("kind", ["group", "layer"])
