@@ -16,8 +16,12 @@ Cases (``--only``):
     train256 / train512   one training step (bench/perf_train.py): forward, backward, fused AdamW, bf16 autocast,
                      fp32 weights, latents and text embeddings precomputed; batch 64 at 256 px / batch 32 at 512 px;
                      peak memory
-    train256_compile / train512_compile   the same steps with our U-Net compiled (default mode, minutes to compile)
+    train256_compile / train512_compile   the same steps with our U-Net compiled: default mode with and without
+                     channels-last, reduce-overhead (~150-220 s to compile each; pick with --variants)
     unet_b16_compile / sdxl_b2_compile    batch 16 / SDXL compiled (+ channels-last, + CUDA graphs)
+
+Experiments: ``--compile-mode max-autotune-no-cudagraphs`` for our compiled U-Net cases, ``--inductor KEY=VALUE``
+for any torch._inductor.config setting of the run (e.g. force_layout_optimization=true).
 
 Method: bf16 networks (training: fp32 weights under bf16 autocast), CUDA-event timing, median of --reps after
 --warmup calls (end to end and training: wall clock around a synchronized call); FLOPs counted once on the
@@ -168,11 +172,11 @@ def unet_variants(channels_last_eager: bool) -> dict:
     return v
 
 
-def compile_variants(channels_last_only: bool = False) -> dict:
-    base = dict(attention_kernel="fastest", fused_qkv=True, cuda_graphs=False, compile="default")
-    if channels_last_only:  # one compilation
-        return {"compile default + channels-last": dict(base, channels_last=True),
-                "compile default + channels-last + CUDA graphs": dict(base, channels_last=True, graphs_on_top=True)}
+def compile_variants(channels_last_only: bool = False, mode: str = "default") -> dict:
+    base = dict(attention_kernel="fastest", fused_qkv=True, cuda_graphs=False, compile=mode)
+    if channels_last_only or mode != "default":  # one compilation
+        return {f"compile {mode} + channels-last": dict(base, channels_last=True),
+                f"compile {mode} + channels-last + CUDA graphs": dict(base, channels_last=True, graphs_on_top=True)}
     return {
         "compile default": dict(base, channels_last=False),
         "compile default + CUDA graphs": dict(base, channels_last=False, graphs_on_top=True),
@@ -312,6 +316,11 @@ def main(argv=None) -> int:
     ap.add_argument("--peak", type=float, default=790.0, help="bf16 matmul peak in TFLOP/s for MFU")
     ap.add_argument("--tol", type=float, default=3e-2)
     ap.add_argument("--variants", default="", help="training cases: only our variants whose label contains this")
+    ap.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
+                    help="our mode in the compiled U-Net cases (channels-last only, one compilation each)")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config.KEY (JSON value) for every compilation of the run, both "
+                    "libraries', e.g. coordinate_descent_tuning=true; repeatable")  # fmt: skip
     ap.add_argument("--no-e2e-compile", action="store_true", help="skip the compiled end-to-end variant (~1 min)")
     args = ap.parse_args(argv)
     cases = [c.strip() for c in args.only.split(",") if c.strip()]
@@ -323,6 +332,13 @@ def main(argv=None) -> int:
     plan = Plan(device=device, dtype=torch.bfloat16, tiny=args.tiny, warmup=1 if quick else 5,
                 reps=3 if quick else args.reps, train_reps=3 if quick else args.train_reps, peak=args.peak,
                 tol=args.tol, variants=args.variants)  # fmt: skip
+    import torch._inductor.config as inductor_config
+
+    for kv in args.inductor:
+        key, _, value = kv.partition("=")
+        if not hasattr(inductor_config, key):
+            ap.error(f"--inductor: torch._inductor.config has no {key!r}")
+        setattr(inductor_config, key, json.loads(value))
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     table = Table(plan)
@@ -330,17 +346,18 @@ def main(argv=None) -> int:
 
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "diffusers": diffusers.__version__, "cases": cases, "reps": plan.reps,
-            "train_reps": plan.train_reps}  # fmt: skip
+            "train_reps": plan.train_reps, "inductor": args.inductor}  # fmt: skip
     print(json.dumps(meta), flush=True)
     runs = {
         "unet_b2": lambda: unet_case(plan, table, "unet_b2", "sd15", 2, 64, unet_variants(True), False),
-        "unet_b2_compile": lambda: unet_case(plan, table, "unet_b2_compile", "sd15", 2, 64, compile_variants(), True),
+        "unet_b2_compile": lambda: unet_case(plan, table, "unet_b2_compile", "sd15", 2, 64,
+                                             compile_variants(mode=args.compile_mode), True),
         "unet_b16": lambda: unet_case(plan, table, "unet_b16", "sd15", 16, 64, unet_variants(True), False),
         "unet_b16_compile": lambda: unet_case(plan, table, "unet_b16_compile", "sd15", 16, 64,
-                                              compile_variants(channels_last_only=True), False),
+                                              compile_variants(True, args.compile_mode), False),
         "sdxl_b2": lambda: unet_case(plan, table, "sdxl_b2", "sdxl", 2, 128, unet_variants(False), False),
         "sdxl_b2_compile": lambda: unet_case(plan, table, "sdxl_b2_compile", "sdxl", 2, 128,
-                                             compile_variants(channels_last_only=True), False),
+                                             compile_variants(True, args.compile_mode), False),
         "vae": lambda: vae_case(plan, table),
         "e2e": lambda: e2e_case(plan, table, not args.no_e2e_compile),
         "train256": lambda: train_case(plan, table, "train256", 256, 64, TRAIN_EAGER, ref_benchmark=True),

@@ -150,4 +150,6 @@ TRAIN_COMPILE = {
     "compile default + low-precision norms + channels-last": dict(_T, compile="default", low_precision_norms=True,
                                                                   channels_last=True),
     "compile default + low-precision norms (NCHW weights)": dict(_T, compile="default", low_precision_norms=True),
+    "compile reduce-overhead (CUDA graphs) + low-precision norms + channels-last": dict(
+        _T, compile="reduce-overhead", low_precision_norms=True, channels_last=True),
 }
