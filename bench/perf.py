@@ -338,7 +338,10 @@ def main(argv=None) -> int:
         key, _, value = kv.partition("=")
         if not hasattr(inductor_config, key):
             ap.error(f"--inductor: torch._inductor.config has no {key!r}")
-        setattr(inductor_config, key, json.loads(value))
+        try:
+            setattr(inductor_config, key, json.loads(value))
+        except json.JSONDecodeError:
+            ap.error(f"--inductor {kv!r}: the value must be JSON (true, 3, \"name\"), got {value!r}")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     table = Table(plan)
