@@ -22,11 +22,13 @@ from ldm.conditioning import Cond  # noqa: E402
 from ldm.speed import SpeedConfig, apply_speed  # noqa: E402
 from ldm.unet import UNet, UNetConfig  # noqa: E402
 
-KINDS = (("attention", ("fmha", "flash", "attention", "cudnn_generated_fort_native_sdpa", "sdpa")),
+# first match wins: Inductor names its kernels after the ops they fuse ("triton_poi_fused__scaled_dot_product_..."),
+# so "triton" is looked for before the library kernels' names
+KINDS = (("triton (fused elementwise / norms)", ("triton",)),
+         ("attention", ("fmha", "flash", "attention", "cudnn_generated_fort_native_sdpa", "sdpa")),
          ("gemm", ("gemm", "cutlass", "cublas", "sm90_xmma", "nvjet")),
          ("convolution", ("conv", "implicit", "xmma", "dgrad", "wgrad", "fprop")),
          ("optimizer", ("adam", "multi_tensor")),
-         ("triton (fused elementwise / norms)", ("triton",)),
          ("norm", ("norm",)),
          ("copy / layout", ("copy", "transpose", "nchw", "nhwc", "memcpy")),
          ("elementwise", ("elementwise", "vectorized", "reduce")))  # fmt: skip
@@ -49,6 +51,7 @@ def main() -> int:
     ap.add_argument("--attention-kernel", default="fastest")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="profile.txt")
+    ap.add_argument("--top", type=int, default=40, help="how many kernels to list (default: %(default)s)")
     ap.add_argument("--copies", action="store_true", help="also: which operators launch the copy kernels (CPU trace)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -91,7 +94,7 @@ def main() -> int:
     for k, us in sorted(per_kind.items(), key=lambda kv: -kv[1]):
         lines.append(f"{k:40s} {us / args.steps / 1e3:8.2f} ms  {100 * us / total:5.1f}%")
     lines += ["", "top kernels (ms per step, calls per step):"]
-    for name, (us, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:40]:
+    for name, (us, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]:
         lines.append(f"{us / args.steps / 1e3:8.2f} {n // args.steps:5d}  {kind(name)[:12]:12s} {name[:150]}")
     if args.copies:
         lines += ["", "copy kernels by launching operator chain (ms per step, kernels per step, shapes):"]
