@@ -116,6 +116,15 @@ def test_ldm_train_reports_config_errors_before_any_work(tmp_path):
     assert time.perf_counter() - start < 110
 
 
+def test_ldm_train_refuses_an_override_in_place_of_the_config(tmp_path):
+    # without a CONFIG the recipe runs; a lone KEY=VALUE used to be looked up as a preset name ("unknown preset")
+    r = subprocess.run([str(LDM), "train", "max_steps=5"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "'max_steps=5' is an override" in r.stderr and "ldm train configs/train/shapes.yaml max_steps=5" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "runs").exists()  # refused before the recipe started
+
+
 def test_deepspeed_is_refused_with_a_reason():  # FSDP runs: tests/test_train_distributed.py
     from types import SimpleNamespace
 

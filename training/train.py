@@ -437,6 +437,10 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
 
 def run_args(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"resume={args.resume}"] if getattr(args, "resume", None) else [])
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        raise ValueError(f"CONFIG: {args.config!r} is an override, not a YAML file; overrides follow a CONFIG (e.g. "
+                         f"`ldm train configs/train/shapes.yaml {args.config}`). With no CONFIG, `ldm train` runs the "
+                         "embedded default's recipe as it is (training/recipe.py), which takes no overrides")  # fmt: skip
     if args.config is None and args.print_config:
         raise ValueError("--print-config: give a CONFIG (no CONFIG runs the embedded default's recipe, "
                          "configs/train/shapes-vae.yaml then shapes.yaml at CPU scale)")  # fmt: skip
