@@ -38,7 +38,7 @@ batch_size is per process: an optimizer step sees batch_size * grad_accum * proc
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", nargs="?", default=None,
                         help="YAML file with the TrainConfig settings; none: train the embedded default's two "
-                             "stages at CPU scale into runs/default (training/recipe.py; ~8.5 minutes on 2 cores, "
+                             "stages at CPU scale into runs/default (training/recipe.py; 7-8.5 minutes on 2 cores, "
                              "a model that draws the asked colour and shape of one object ~7 times in 10)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override settings, e.g. optim.lr=3e-4")
     parser.add_argument("--resume", metavar="WHERE", default=None,

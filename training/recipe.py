@@ -1,16 +1,17 @@
-"""``ldm train`` with no arguments: the embedded default's two stages at CPU scale, in about 8.5 minutes on 2 cores.
+"""``ldm train`` with no arguments: the embedded default's two stages at CPU scale, in 7-8.5 minutes on 2 cores.
 
     stage 1  configs/train/shapes-vae.yaml   the KL-f4 autoencoder of the builtin shapes         -> OUT/vae/
     stage 2  configs/train/shapes.yaml       U-Net + text tower on that VAE (its model-ema)       -> OUT/model/
 
 The committed model's configurations (docs/default_model.md) with fewer rows, other batch sizes and fewer steps
 (CPU_OVERRIDES), and for stage 2 a smaller U-Net and text tower with a 16-token context (CPU_MODEL). Measured on 2
-CPU cores, 2026-11-27: 8 min 28 s in all; the VAE (500 steps of 8) reaches 27.9 dB validation PSNR; the U-Net
-(1,200 steps of 128, 153,600 images, min-SNR-5 loss weighting, lr 2e-3) gets colour and shape right for 76.5% of 200
-held-out single-object prompts (67.0% with seed=1; size 82%, but position only 43%), and two-object prompts with a
-relation fully right for 8%. The previous recipe (2,400 steps at lr 1e-3, simple loss: 13 min 53 s) scored 80.0% / 10% with
-position 74%. The committed model (the larger architecture, ~3.3M samples on an H200) does both: 99.5% single,
-97.5% relation.
+CPU cores, 2026-11-27: 8 min 28 s in all (6 min 48 s in a later run on the same kind of machine, the same results to
+the last digit); the VAE (500 steps of 8) reaches 27.9 dB validation PSNR; the U-Net (1,200 steps of 128, 153,600
+images, min-SNR-5 loss weighting, lr 2e-3) gets colour and shape right for 76.5% of 200 held-out single-object
+prompts (67.0% with seed=1; size 82%, but position only 43%), and two-object prompts with a relation fully right
+for 8%. The previous recipe (2,400 steps at lr 1e-3, simple loss: 13 min 53 s) scored 80.0% / 10% with position
+74%. The committed model (the larger architecture, ~3.3M samples on an H200) does both: 99.5% single, 97.5%
+relation.
 The result loads like any model:
 
     ldm txt2img --model runs/default/model/model "a red circle" --cfg 5
