@@ -21,7 +21,7 @@ for spec in "$@"; do
   name=${spec%%:*}; cpus=${spec#*:}
   (
     taskset -cp "$cpus" $BASHPID > /dev/null || exit 1  # this subshell and all it starts run on these cores
-    threads=$(python3 -c "import os; print(len(os.sched_getaffinity(0)))")
+    threads=$(nproc)  # the cores this subshell may use
     d=/tmp/cpu_recipe_cores/$name; rm -rf "$d"; mkdir -p "$d"; cd "$d"
     export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=$threads PYTHONPATH=$ROOT:${PYTHONPATH:-}
     SECONDS=0
@@ -35,7 +35,7 @@ for spec in "$@"; do
     ev --model runs/default/model/model --prompts both --n "$EVAL_N" --steps 25 --sampler dpmpp_2m --cfg-scale 5 \
        --device cpu --out "$d/eval" -q > "$OUT/eval-$name.txt" 2>&1
     for g in "$d"/eval/grid-*.png; do [ -f "$g" ] && cp "$g" "$OUT/eval-$name-$(basename "$g")"; done
-    echo "$name: $threads cores ($cpus), torch threads $threads: ldm train ${train_s} s, ldm eval (n=$EVAL_N) ${SECONDS} s" >> "$OUT/times.txt"
+    echo "$name: $threads cores ($cpus): ldm train ${train_s} s, ldm eval (n=$EVAL_N) ${SECONDS} s" >> "$OUT/times.txt"
   ) &
 done
 wait
