@@ -34,7 +34,7 @@ SCHEDULES = ("discrete", "karras", "exponential")
 INPAINT_MODES = ("auto", "blend", "unet")
 # copies of ldm/speed.py's choices (``ldm --help`` imports no torch); tests/test_speed_switches.py checks they match
 COMPILE_MODES = ("none", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
-ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math", "fastest")
+ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math", "fastest", "fa4")
 TILE = 64  # --tile without a value: tiles of 64 latent pixels (512 image pixels)
 
 # Defaults of the options that a PNG's metadata can also supply (argparse keeps None, meaning "not given",

@@ -7,12 +7,9 @@
   ``flash`` (Dao et al. 2022), ``efficient`` (Rabe & Staats 2021, memory-efficient) or ``math``; ``fastest``: all
   four in the order cuDNN > flash > efficient > math, each used where the ones before it cannot run (cuDNN was
   measured 1.3-1.8x faster than flash on the H200 for the U-Net's shapes; it has no fp32 kernel, so fp32 falls
-  through to flash or efficient). ldm/speed.py makes ``fastest`` the default on CUDA.
-- ``xformers``: ``xformers.ops.memory_efficient_attention`` if xformers is installed AND works on the
-  tensors' device. It is probed once per device with a tiny call; a build for another torch or CUDA
-  fails there, and then this module warns once with the reason and uses ``sdpa`` from then on.
-- ``math``: the formula itself, ``softmax(Q K^T / sqrt(d)) V``, computed in fp32 (scores, softmax and
-  the weighted sum) and cast back to the input dtype. The slow, plain reference.
+  through to flash or efficient). ldm/speed.py makes ``fastest`` the default on CUDA. ``fa4``: FlashAttention-4's
+  forward (the optional ``flash-attn-4`` package, ldm/attention_fa4.py) where it was measured faster than cuDNN
+  (inference, long self-attention), ``fastest`` for every other call; an error names the package if it is missing.
 """
 from __future__ import annotations
 
@@ -25,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .attention_fa4 import fa4_applies, fa4_attention, require_fa4
+
 BACKENDS = ("sdpa", "xformers", "math")
 SDPA_KERNELS = {
     "auto": None,
@@ -34,7 +33,10 @@ SDPA_KERNELS = {
     "math": SDPBackend.MATH,
     "fastest": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                 SDPBackend.MATH],  # in this order of preference
+    "fa4": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.MATH],  # for the calls that FA4 does not take (ldm/attention_fa4.py)
 }
+_fa4_on = False  # inside sdpa_context("fa4"): the layers' "auto" calls may go to FA4
 
 
 def check_backend(backend: str, kernel: str = "auto") -> None:
@@ -62,6 +64,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa", kernel: st
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, kernel: str) -> Tensor:
+    if kernel == "fa4":
+        require_fa4()
+    if (_fa4_on or kernel == "fa4") and fa4_applies(q, k, v):
+        return fa4_attention(q, k, v)
     if kernel == "auto":
         return F.scaled_dot_product_attention(q, k, v)
     with sdpa_context(kernel):
@@ -74,9 +80,23 @@ def sdpa_context(kernel: str):
     if kernel not in SDPA_KERNELS:
         check_backend("sdpa", kernel)
     choice = SDPA_KERNELS[kernel]
+    if kernel == "fa4":
+        require_fa4()
+        return _fa4_context(choice)
     if isinstance(choice, list):  # an order of preference, not only a set
         return sdpa_kernel(choice, set_priority=True)
     return contextlib.nullcontext() if choice is None else sdpa_kernel(choice)
+
+
+@contextlib.contextmanager
+def _fa4_context(fallback: list):
+    global _fa4_on
+    before, _fa4_on = _fa4_on, True
+    try:
+        with sdpa_kernel(fallback, set_priority=True):
+            yield
+    finally:
+        _fa4_on = before
 
 
 def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -10,8 +10,9 @@ what it was.
 
     attention_kernel  fastest: SDPA with priority cuDNN > flash > memory-efficient > math (cuDNN measured 1.3-1.8x
                       faster than flash on the H200; the priority list falls through where cuDNN cannot run, e.g.
-                      fp32); auto: PyTorch's own choice; or pin one (ldm/attention.py). On the CPU ``fastest`` keeps
-                      the U-Net's configured kernel.
+                      fp32); auto: PyTorch's own choice; or pin one (ldm/attention.py); fa4: FlashAttention-4's
+                      forward for inference over long sequences (optional flash-attn-4 package, ldm/attention_fa4.py),
+                      fastest elsewhere. On the CPU ``fastest`` and ``fa4`` keep the U-Net's configured kernel.
     fused_qkv         one matmul for q, k, v of self-attention and one for k, v of cross-attention, through weights
                       concatenated once and cached (ldm/transformer.py, CrossAttention.fuse_projections).
                       Inference only: with gradients the separate projections run. auto: on with CUDA, inference.
@@ -42,12 +43,13 @@ import torch
 from torch import Tensor, nn
 
 from .attention import SDPA_KERNELS
+from .attention_fa4 import require_fa4
 from .config import check_choices, choice
 from .conditioning import Cond
 from .norms import set_low_precision_norms
 
 COMPILE_MODES = ("none", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
-ATTENTION_KERNELS = tuple(SDPA_KERNELS)  # auto | cudnn | flash | efficient | math | fastest
+ATTENTION_KERNELS = tuple(SDPA_KERNELS)  # auto | cudnn | flash | efficient | math | fastest | fa4
 
 
 @dataclass
@@ -79,7 +81,7 @@ class SpeedConfig:
             raise ValueError(f"speed.cuda_graphs: needs a CUDA device, the U-Net is on {device}")
         compiled = self.compile != "none"
         kernel = self.attention_kernel
-        if kernel == "fastest" and not cuda:
+        if kernel in ("fastest", "fa4") and not cuda:
             kernel = None  # keep the configured one
         return ResolvedSpeed(
             attention_kernel=kernel,
@@ -120,6 +122,8 @@ def apply_speed(unet: nn.Module, cfg: SpeedConfig | None = None, *, training: bo
     first = next(unet.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     r = cfg.resolve(device, training)
+    if r.attention_kernel == "fa4":
+        require_fa4()  # before any heavy work: the error names the missing package
     if r.attention_kernel is not None and hasattr(unet, "set_attention_backend"):
         backend = next((m.backend for m in unet.modules() if isinstance(m, CrossAttention)), "sdpa")
         unet.set_attention_backend(backend, r.attention_kernel)

@@ -1,0 +1,88 @@
+"""FlashAttention-4's forward (the CuTe-DSL kernels of the optional ``flash-attn-4`` package; Hopper and Blackwell)
+as a torch custom op, used by ldm/attention.py's ``fa4`` kernel where it was measured to beat cuDNN.
+
+Where it runs (``fa4_applies``), from bench/fa4_attention.py on one H200 (torch 2.11, flash-attn-4 4.0.0b36, bf16,
+BENCHMARKS.md):
+
+- forward only, no gradient wanted. FA4's SM90 backward gave wrong gradients for head dims 40 and 80 (max error
+  0.58 and 2.5 against the fp32 formula, cuDNN 0.001-0.02; head dim 160 was right), so training never uses it;
+- self-attention over long sequences (keys >= 2048): SD 1.5's 4096-token, head-dim-40 layers run 1.085 ms instead
+  of cuDNN's 1.291 ms at batch 16. At 1,024 tokens and below, and for the 77-token cross-attention, cuDNN was
+  faster, so those calls stay with SDPA;
+- CUDA devices of compute capability 9.x or 10.x, fp16/bf16, head dim a multiple of 8 up to 256.
+
+The op is opaque to torch.compile (a fake implementation gives the output's shape), so compiled graphs and CUDA
+graphs call it as one kernel launch. FA4 compiles its kernels on first use (a few seconds per head dim).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MIN_KEYS = 2048  # below this cuDNN was faster (see above)
+_import_error: str | None = None
+_checked = False
+_device_ok: dict[int, bool] = {}  # CUDA device index -> compute capability 9.x or 10.x (filled by require_fa4)
+
+
+def fa4_import_error() -> str | None:
+    """None if ``flash_attn.cute`` (the flash-attn-4 package) imports, else why not (once per process)."""
+    global _import_error, _checked
+    if not _checked:
+        _checked = True
+        try:
+            import flash_attn.cute  # noqa: F401
+        except Exception as e:  # not installed, or its CUDA libraries (nvidia-cutlass-dsl) do not load
+            _import_error = f"{type(e).__name__}: {e}"
+    return _import_error
+
+
+def require_fa4() -> None:
+    """Raise a RuntimeError that names the package if the ``fa4`` attention kernel cannot run in this process; called
+    eagerly (ldm/attention.py's sdpa_context) before ``fa4_applies`` is asked."""
+    error = fa4_import_error()
+    if error is None and not _device_ok and torch.cuda.is_available():  # eagerly, so that traced code only reads
+        _device_ok.update({i: torch.cuda.get_device_capability(i)[0] in (9, 10)
+                           for i in range(torch.cuda.device_count())})  # fmt: skip
+    if error is not None:
+        raise RuntimeError(f"attention kernel 'fa4': the flash-attn-4 package does not import ({error}); "
+                           "pip install flash-attn-4, or choose another speed.attention_kernel")  # fmt: skip
+
+
+def fa4_applies(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether FA4 takes this call; q (B, heads, Lq, d), k and v (B, heads, Lk, d)."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.shape[-2] < MIN_KEYS:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    d = q.shape[-1]
+    if d % 8 or d > 256 or v.shape[-1] != d:
+        return False
+    return _on_capable_gpu(q)
+
+
+def _on_capable_gpu(q: Tensor) -> bool:
+    """q is on a CUDA device of compute capability 9.x / 10.x and the package imports (both known from require_fa4)."""
+    if not q.is_cuda:
+        return False
+    return _device_ok.get(q.device.index if q.device.index is not None else torch.cuda.current_device(), False)
+
+
+def fa4_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(Q K^T / sqrt(d)) V by FA4: q (B, heads, Lq, d), k and v (B, heads, Lk, d) -> (B, heads, Lq, d)."""
+    # FA4 takes (B, L, heads, d): the transposes are views of the projections' (B, L, heads * d) layout.
+    return _fa4_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+@torch.library.custom_op("ldm::fa4_forward", mutates_args=())
+def _fa4_forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    # q (B, Lq, heads, d), k and v (B, Lk, heads, d) -> (B, Lq, heads, d), contiguous
+    from flash_attn.cute import flash_attn_func
+
+    out = flash_attn_func(q, k, v)
+    return (out[0] if isinstance(out, tuple) else out).contiguous()
+
+
+@_fa4_forward.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return q.new_empty(q.shape)  # (B, Lq, heads, d), contiguous

@@ -1,0 +1,109 @@
+"""The ``fa4`` attention kernel (ldm/attention_fa4.py): which calls it takes, that the U-Net's calls reach it, that
+torch.compile sees one opaque op, and the errors without the package. FA4 itself needs a Hopper/Blackwell GPU and
+the flash-attn-4 package: its numbers against the fp32 formula are bench/fa4_attention.py's and bench/perf.py's
+(BENCHMARKS.md); here a stand-in computes the formula where FA4 would run."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import ldm.attention as A
+import ldm.attention_fa4 as F4
+from ldm.conditioning import Cond
+from ldm.speed import SpeedConfig, apply_speed
+from ldm.unet import UNet, UNetConfig
+from tests.test_unet_parity import randomize_
+
+try:
+    import flash_attn.cute  # noqa: F401
+
+    HAVE_FA4 = True
+except Exception:  # noqa: BLE001 - absent (the CI), or its CUDA libraries do not load
+    HAVE_FA4 = False
+
+
+def qkv(lq=4096, lk=4096, d=40, dtype=torch.bfloat16, grad=False):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, lq, d, generator=g).to(dtype)
+    k, v = (torch.randn(1, 2, lk, d, generator=g).to(dtype) for _ in range(2))
+    return tuple(t.requires_grad_(grad) for t in (q, k, v))
+
+
+@pytest.fixture
+def capable_gpu(monkeypatch):
+    """Pretend the tensors are on a GPU that FA4 supports and the package imports."""
+    monkeypatch.setattr(F4, "_on_capable_gpu", lambda q: True)
+    monkeypatch.setattr(A, "require_fa4", lambda: None)
+
+
+def test_fa4_takes_only_long_low_precision_inference_calls(capable_gpu):
+    assert F4.fa4_applies(*qkv())  # SD 1.5's 4096-token, head-dim-40 self-attention
+    assert F4.fa4_applies(*qkv(d=64, dtype=torch.float16))
+    assert not F4.fa4_applies(*qkv(lk=77))  # cross-attention: cuDNN was faster
+    assert not F4.fa4_applies(*qkv(lq=1024, lk=F4.MIN_KEYS - 1))  # shorter sequences: cuDNN was faster
+    assert not F4.fa4_applies(*qkv(dtype=torch.float32))  # no fp32 kernel
+    assert not F4.fa4_applies(*qkv(d=36))  # head dim not a multiple of 8
+    assert not F4.fa4_applies(*qkv(d=264))  # beyond FA4's 256
+    assert not F4.fa4_applies(*qkv(grad=True))  # its SM90 backward was wrong for head dims 40 and 80
+    with torch.no_grad():
+        assert F4.fa4_applies(*qkv(grad=True))
+
+
+def test_fa4_needs_a_capable_gpu():
+    assert not F4.fa4_applies(*qkv())  # CPU tensors: never
+
+
+def test_unet_calls_reach_fa4_only_where_it_applies(capable_gpu, monkeypatch):
+    """Inside the U-Net's sdpa_context("fa4"), its layers' self-attention calls over >= MIN_KEYS keys go to FA4 and
+    give the formula's result; cross-attention and gradient-carrying calls go to SDPA."""
+    calls = []
+
+    def stand_in(q, k, v):
+        calls.append((q.shape[-2], k.shape[-2]))
+        return A.math_attention(q, k, v)
+
+    monkeypatch.setattr(A, "fa4_attention", stand_in)
+    monkeypatch.setattr(F4, "MIN_KEYS", 64)  # the tiny U-Net's first level: 16x16 = 256 tokens
+    unet = UNet(UNetConfig.sd15().tiny())
+    randomize_(unet)
+    unet = unet.to(torch.bfloat16)
+    x = torch.randn(1, 4, 16, 16, dtype=torch.bfloat16)
+    cond = Cond(context=torch.randn(1, 7, 24, dtype=torch.bfloat16))
+    t = torch.tensor([500])
+    with torch.no_grad():
+        ref = unet(x, t, cond)
+        unet.set_attention_backend("sdpa", "fa4")
+        out = unet(x, t, cond)
+    assert calls and all(lk == lq and lk >= 64 for lq, lk in calls)  # self-attention of the long levels only
+    assert (out.float() - ref.float()).abs().max() / ref.float().abs().max() < 2e-2  # bf16: another summation order
+    calls.clear()
+    unet(x, t, cond).float().sum().backward()  # training: gradients wanted, FA4 is skipped
+    assert calls == []
+
+
+def test_fa4_is_one_opaque_op_for_tracing():
+    """torch.compile sees ldm::fa4_forward as one node whose fake implementation gives the output shape."""
+    q, k, v = qkv(lq=256, lk=256)
+    gm = make_fx(F4.fa4_attention, tracing_mode="fake")(q, k, v)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.ldm.fa4_forward.default in targets
+    out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert tuple(out.meta["val"].shape) == (1, 2, 256, 40)
+
+
+@pytest.mark.skipif(HAVE_FA4, reason="flash-attn-4 is installed here")
+def test_missing_package_is_named():
+    q, k, v = qkv(lq=8, lk=8, d=8, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="flash-attn-4"):
+        A.attention(q, k, v, "sdpa", "fa4")
+    with pytest.raises(RuntimeError, match="flash-attn-4"):
+        A.sdpa_context("fa4")
+
+
+def test_fa4_is_a_no_op_on_the_cpu():
+    """SpeedConfig(attention_kernel="fa4") on a CPU U-Net keeps its kernel (as 'fastest' does): no error, no change."""
+    unet = UNet(UNetConfig.sd15().tiny())
+    applied = apply_speed(unet, SpeedConfig(attention_kernel="fa4"))
+    assert applied.attention_kernel is None and unet.sdpa_kernel == "auto"
