@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldm.conditioning import Cond  # noqa: E402
-from ldm.speed import CUDAGraphForward, SpeedConfig, apply_speed, remove_speed  # noqa: E402
+from ldm.speed import ATTENTION_KERNELS, CUDAGraphForward, SpeedConfig, apply_speed, remove_speed  # noqa: E402
 from ldm.unet import UNet, UNetConfig  # noqa: E402
 from ldm.unet_keys import diffusers_to_ours  # noqa: E402
 
@@ -134,7 +134,7 @@ def unet_case(plan: Plan, table: Table, case: str, name: str, batch: int, hw: in
             if plan.device == "cpu" and (graphs_on_top or spec.get("cuda_graphs")):
                 continue  # CUDA only
             t0 = time.perf_counter()
-            applied = apply_speed(ours, SpeedConfig(**spec))
+            applied = apply_speed(ours, plan.speed(spec))
             if graphs_on_top:  # the same compiled body, wrapped in our CUDA-graph runner: no second compilation
                 ours.forward = CUDAGraphForward(ours.forward)
             out = ours(xb, t, cond)
@@ -278,7 +278,7 @@ def e2e_case(plan: Plan, table: Table, e2e_compile: bool = True) -> None:
     if e2e_compile:
         variants.append(("compile default (+ channels-last, CUDA graphs by auto)", dict(compile="default")))
     for label, spec in variants:
-        pipe = Pipeline.load(root, device=plan.device, dtype=dtype_name, speed=SpeedConfig(**spec))
+        pipe = Pipeline.load(root, device=plan.device, dtype=dtype_name, speed=plan.speed(spec))
         t0 = time.perf_counter()
         first = ours_run(pipe)  # the first image: compilation, graph capture
         first_s = time.perf_counter() - t0
@@ -321,6 +321,8 @@ def main(argv=None) -> int:
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="set torch._inductor.config.KEY (JSON value) for every compilation of the run, both "
                     "libraries', e.g. coordinate_descent_tuning=true; repeatable")  # fmt: skip
+    ap.add_argument("--attention-kernel", default="fastest", choices=ATTENTION_KERNELS,
+                    help="our attention kernel wherever a variant uses the default 'fastest' (e.g. fa4)")
     ap.add_argument("--no-e2e-compile", action="store_true", help="skip the compiled end-to-end variant (~1 min)")
     args = ap.parse_args(argv)
     cases = [c.strip() for c in args.only.split(",") if c.strip()]
@@ -331,7 +333,7 @@ def main(argv=None) -> int:
     quick = args.quick or args.tiny
     plan = Plan(device=device, dtype=torch.bfloat16, tiny=args.tiny, warmup=1 if quick else 5,
                 reps=3 if quick else args.reps, train_reps=3 if quick else args.train_reps, peak=args.peak,
-                tol=args.tol, variants=args.variants)  # fmt: skip
+                tol=args.tol, variants=args.variants, attention_kernel=args.attention_kernel)  # fmt: skip
     import torch._inductor.config as inductor_config
 
     for kv in args.inductor:
@@ -349,7 +351,8 @@ def main(argv=None) -> int:
 
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "diffusers": diffusers.__version__, "cases": cases, "reps": plan.reps,
-            "train_reps": plan.train_reps, "inductor": args.inductor}  # fmt: skip
+            "train_reps": plan.train_reps, "inductor": args.inductor,
+            "attention_kernel": args.attention_kernel}  # fmt: skip
     print(json.dumps(meta), flush=True)
     runs = {
         "unet_b2": lambda: unet_case(plan, table, "unet_b2", "sd15", 2, 64, unet_variants(True), False),

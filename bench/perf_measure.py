@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ldm.speed import SpeedConfig
 from ldm.unet import UNetConfig
 
 @dataclass
@@ -27,6 +28,14 @@ class Plan:
     peak: float
     tol: float
     variants: str = ""  # training cases: only our variants whose label contains this (empty: all)
+    attention_kernel: str = "fastest"  # --attention-kernel: replaces "fastest" in our speed configs
+
+    def speed(self, spec: dict) -> SpeedConfig:
+        """Our SpeedConfig for a variant, with this run's attention kernel where the variant asks for the fastest."""
+        spec = dict(spec)
+        if spec.get("attention_kernel", "fastest") == "fastest":
+            spec["attention_kernel"] = self.attention_kernel
+        return SpeedConfig(**spec)
 
     def unet_cfg(self, name: str) -> UNetConfig:
         cfg = UNetConfig.sdxl_base() if name == "sdxl" else UNetConfig.sd15()

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.perf_measure import Plan, Table, free, median_ms, randomize_, rel_err, sync
 from ldm.conditioning import Cond
-from ldm.speed import SpeedConfig, apply_speed
+from ldm.speed import apply_speed
 from ldm.unet import UNet
 from ldm.unet_keys import diffusers_to_ours
 
@@ -129,7 +129,7 @@ def train_case(plan: Plan, table: Table, case: str, res: int, batch: int, ours_s
             with torch.device(plan.device):
                 m = UNet(cfg)
             m.load_state_dict(diffusers_to_ours(state, cfg))
-            apply_speed(m, SpeedConfig(**spec), training=True)
+            apply_speed(m, plan.speed(spec), training=True)
             return m
 
         row, _ = measure(label, "ours", build_ours, lambda m, x, t: m(x, t, Cond(context=context)), flops, spec)
