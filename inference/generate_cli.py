@@ -141,7 +141,8 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile-mode", default=None, metavar="MODE",
                    help=f"torch.compile mode, implies --compile: {', '.join(COMPILE_MODES)}")
     g.add_argument("--attention-kernel", default="fastest", metavar="KERNEL",
-                   help=f"SDPA kernel: {', '.join(ATTENTION_KERNELS)} (default: %(default)s = cuDNN first on CUDA)")
+                   help=f"SDPA kernel: {', '.join(ATTENTION_KERNELS)} (default: %(default)s = cuDNN first on CUDA; fa4 = "
+                   "FlashAttention-4 for the long self-attention, needs pip install flash-attn-4)")
     for flag, what in (("channels-last", "NHWC convolutions (auto: on when compiled)"),
                        ("fused-qkv", "one matmul for q, k, v (auto: on with CUDA)"),
                        ("cuda-graphs", "replay the U-Net call from a CUDA graph (auto: on with CUDA)")):  # fmt: skip
