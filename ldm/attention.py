@@ -10,6 +10,11 @@
   through to flash or efficient). ldm/speed.py makes ``fastest`` the default on CUDA. ``fa4``: FlashAttention-4's
   forward (the optional ``flash-attn-4`` package, ldm/attention_fa4.py) where it was measured faster than cuDNN
   (inference, long self-attention), ``fastest`` for every other call; an error names the package if it is missing.
+- ``xformers``: ``xformers.ops.memory_efficient_attention`` if xformers is installed AND works on the
+  tensors' device. It is probed once per device with a tiny call; a build for another torch or CUDA
+  fails there, and then this module warns once with the reason and uses ``sdpa`` from then on.
+- ``math``: the formula itself, ``softmax(Q K^T / sqrt(d)) V``, computed in fp32 (scores, softmax and
+  the weighted sum) and cast back to the input dtype. The slow, plain reference.
 """
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ class UNetConfig:
     norm_groups: int = 32
     dropout: float = 0.0
     attention: str = "sdpa"  # sdpa | xformers | math (ldm/attention.py)
-    sdpa_kernel: str = "auto"  # auto | cudnn | flash | efficient | math | fastest (ldm/speed.py picks it on CUDA)
+    sdpa_kernel: str = "auto"  # auto | cudnn | flash | efficient | math | fastest | fa4 (ldm/speed.py picks it on CUDA)
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
