@@ -5,7 +5,8 @@ Where it runs (``fa4_applies``), from bench/fa4_attention.py on one H200 (torch 
 BENCHMARKS.md):
 
 - forward only, no gradient wanted. FA4's SM90 backward gave wrong gradients for head dims 40 and 80 (max error
-  0.58 and 2.5 against the fp32 formula, cuDNN 0.001-0.02; head dim 160 was right), so training never uses it;
+  0.58 and 2.5 against the fp32 formula, cuDNN 0.001-0.02; head dims 64 and 160 were right, and so were 40 and 80
+  zero-padded to 64 and 96), so training never uses it;
 - self-attention over long sequences (keys >= 2048): SD 1.5's 4096-token, head-dim-40 layers run 1.085 ms instead
   of cuDNN's 1.291 ms at batch 16. At 1,024 tokens and below, and for the 77-token cross-attention, cuDNN was
   faster, so those calls stay with SDPA;
