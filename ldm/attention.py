@@ -69,14 +69,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa", kernel: st
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, kernel: str) -> Tensor:
-    if kernel == "fa4":
-        require_fa4()
-    if (_fa4_on or kernel == "fa4") and fa4_applies(q, k, v):
+    if kernel != "auto":  # pinned here for this call (the U-Net pins its kernel once around its forward instead)
+        with sdpa_context(kernel):
+            return _sdpa(q, k, v, "auto")
+    if _fa4_on and fa4_applies(q, k, v):
         return fa4_attention(q, k, v)
-    if kernel == "auto":
-        return F.scaled_dot_product_attention(q, k, v)
-    with sdpa_context(kernel):
-        return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 def sdpa_context(kernel: str):

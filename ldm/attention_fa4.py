@@ -17,25 +17,23 @@ graphs call it as one kernel launch. FA4 compiles its kernels on first use (a fe
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 MIN_KEYS = 2048  # below this cuDNN was faster (see above)
-_import_error: str | None = None
-_checked = False
 _device_ok: dict[int, bool] = {}  # CUDA device index -> compute capability 9.x or 10.x (filled by require_fa4)
 
 
+@functools.cache
 def fa4_import_error() -> str | None:
     """None if ``flash_attn.cute`` (the flash-attn-4 package) imports, else why not (once per process)."""
-    global _import_error, _checked
-    if not _checked:
-        _checked = True
-        try:
-            import flash_attn.cute  # noqa: F401
-        except Exception as e:  # not installed, or its CUDA libraries (nvidia-cutlass-dsl) do not load
-            _import_error = f"{type(e).__name__}: {e}"
-    return _import_error
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception as e:  # not installed, or its CUDA libraries (nvidia-cutlass-dsl) do not load
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def require_fa4() -> None:
