@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.perf_measure import Plan, Table, free, median_ms, randomize_, rel_err, sync
 from ldm.conditioning import Cond
+from ldm.schedule import ScheduleConfig, make_betas
 from ldm.speed import apply_speed
 from ldm.unet import UNet
 from ldm.unet_keys import diffusers_to_ours
@@ -22,7 +23,7 @@ from ldm.unet_keys import diffusers_to_ours
 def make_train_step(call, params: list, latents: torch.Tensor):
     """``step()``: one optimizer step of ``call(noisy, t) -> eps`` on ``latents`` (B, 4, h, w); returns the loss."""
     device, batch = latents.device, latents.shape[0]
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, device=device, dtype=torch.float64) ** 2  # SD 1.5
+    betas = make_betas(ScheduleConfig()).to(device)  # SD 1.5's scaled-linear schedule
     acp = torch.cumprod(1 - betas, 0).float()
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=1e-6, fused=cuda or None)
