@@ -128,6 +128,7 @@ class Pipeline:
              speed: SpeedConfig | None = None) -> "Pipeline":  # fmt: skip
         """Load a model file or folder (any format ldm.bundle.load_bundle reads); name = its file / folder stem."""
         path = Path(path)
+        (speed or SpeedConfig()).resolve(device)  # the speed switches' errors for this device, before the loading
         bundle = load_bundle(path, dtype=dtype, device=device, family=family, prediction=prediction,
                              config_overrides=config_overrides)  # fmt: skip
         return cls(bundle, name=path.name if path.is_dir() else path.stem, model_hash=model_hash(path), speed=speed)

@@ -83,6 +83,8 @@ class SpeedConfig:
         kernel = self.attention_kernel
         if kernel in ("fastest", "fa4") and not cuda:
             kernel = None  # keep the configured one
+        if kernel == "fa4":
+            require_fa4()  # the error names the missing package
         return ResolvedSpeed(
             attention_kernel=kernel,
             fused_qkv=_auto(self.fused_qkv, cuda and not training),
@@ -122,8 +124,6 @@ def apply_speed(unet: nn.Module, cfg: SpeedConfig | None = None, *, training: bo
     first = next(unet.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     r = cfg.resolve(device, training)
-    if r.attention_kernel == "fa4":
-        require_fa4()  # before any heavy work: the error names the missing package
     if r.attention_kernel is not None and hasattr(unet, "set_attention_backend"):
         backend = next((m.backend for m in unet.modules() if isinstance(m, CrossAttention)), "sdpa")
         unet.set_attention_backend(backend, r.attention_kernel)

@@ -102,6 +102,12 @@ def test_missing_package_is_named():
         A.sdpa_context("fa4")
 
 
+@pytest.mark.skipif(HAVE_FA4, reason="flash-attn-4 is installed here")
+def test_speed_config_for_cuda_names_the_missing_package():
+    with pytest.raises(RuntimeError, match="flash-attn-4"):
+        SpeedConfig(attention_kernel="fa4").resolve("cuda")  # no GPU needed: the package check comes first
+
+
 def test_fa4_is_a_no_op_on_the_cpu():
     """SpeedConfig(attention_kernel="fa4") on a CPU U-Net keeps its kernel (as 'fastest' does): no error, no change."""
     unet = UNet(UNetConfig.sd15().tiny())

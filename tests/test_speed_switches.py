@@ -125,6 +125,16 @@ def test_device_and_training_errors_name_the_key():
     assert (r.fused_qkv, r.cuda_graphs, r.channels_last) == (False, False, True)
 
 
+def test_pipeline_load_checks_the_speed_switches_before_loading(monkeypatch):
+    import inference.pipeline as P
+
+    loaded = []
+    monkeypatch.setattr(P, "load_bundle", lambda *a, **k: loaded.append(a) or pytest.fail("loaded first"))
+    with pytest.raises(ValueError, match=r"speed\.cuda_graphs: needs a CUDA device"):
+        P.Pipeline.load("any/model", device="cpu", speed=SpeedConfig(cuda_graphs=True))
+    assert loaded == []
+
+
 def test_train_config_speed_section():
     from training.config import load_train_config
 

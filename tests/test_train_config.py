@@ -125,6 +125,22 @@ def test_ldm_train_refuses_an_override_in_place_of_the_config(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "runs").exists()  # refused before the recipe started
 
 
+def test_speed_errors_for_the_device_come_before_the_data(tmp_path, monkeypatch):
+    import training.train as T
+
+    """A device-dependent speed error (e.g. speed.attention_kernel=fa4 on CUDA without flash-attn-4) stops the run
+    before the data and the models load; the CPU has no such error, so a stand-in raises it."""
+    from ldm.speed import SpeedConfig
+
+    def refuse(self, device, training=False):
+        raise ValueError(f"speed: refused for {device}")
+
+    monkeypatch.setattr(SpeedConfig, "resolve", refuse)
+    monkeypatch.setattr(T, "open_train_dataset", lambda cfg: pytest.fail("the data was opened first"))
+    with pytest.raises(ValueError, match="speed: refused for cpu"):
+        train(tiny_config(tmp_path))
+
+
 def test_deepspeed_is_refused_with_a_reason():  # FSDP runs: tests/test_train_distributed.py
     from types import SimpleNamespace
 

@@ -200,6 +200,7 @@ def _train(cfg: TrainConfig, accelerator) -> dict:
     device, rank, world, main = accelerator.device, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
         raise ValueError("mixed_precision: fp16 needs a GPU; use bf16 or no on the CPU")
+    cfg.speed.resolve(device, training=True)  # the speed switches' errors for this device, before any loading
     out, weight_dtype = Path(cfg.output_dir), DTYPES[cfg.mixed_precision]
     ckroot = out / "checkpoints"
     if main:
