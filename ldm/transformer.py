@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import attention
+from .geglu import geglu
 from .unet_blocks import zero_module
 
 
@@ -104,10 +105,14 @@ class GEGLU(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.triton_backward = False  # ldm/speed.py: the one-pass Triton backward (ldm/geglu.py) where it can run
 
     def forward(self, x: Tensor) -> Tensor:
-        a, gate = self.proj(x).chunk(2, dim=-1)
-        return a * F.gelu(gate)
+        h = self.proj(x)  # (..., 2 * dim_out)
+        if self.triton_backward:
+            return geglu(h)
+        a, gate = h.chunk(2, dim=-1)
+        return a * F.gelu(gate)  # (..., dim_out)
 
 
 class FeedForward(nn.Module):
