@@ -7,7 +7,8 @@ kernels of the ``flash-attn-4`` wheel, which have Hopper paths).
 Kernels: SDPA's cuDNN, flash (FA2) and memory-efficient; ``fa4`` (FlashAttention-4 called directly); ``fa4-pad32``:
 FA4 on q, k, v zero-padded to a head dim that is a multiple of 32 (40 -> 64, 80 -> 96; the scale stays 1/sqrt(d)),
 the output sliced back: the same formula, to test whether the wrong gradients at head dims 40 and 80 are the padding
-path's; ``--torch-route``: also SDPA's flash backend after ``activate_flash_attention_impl("FA4")``.
+path's; ``ldm-fa4``: ldm/attention_fa4.py's custom ops (what the U-Net runs with ``attention_kernel=fa4``: FA4's
+forward alone without gradients, forward + backward on heads padded to a multiple of 32 with them); ``--torch-route``: also SDPA's flash backend after ``activate_flash_attention_impl("FA4")``.
 
 For each shape: forward time (batch 2 and 16, inference) and forward + backward time (batch 32, training), each a
 median of CUDA-event-timed calls, and the largest error against the fp32 formula (ldm.attention.math_attention; its
@@ -111,6 +112,7 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=30, help="timed calls per case (median)")
     p.add_argument("--train-batch", type=int, default=32, help="batch of the forward+backward cases")
     p.add_argument("--model", default="sd15", choices=tuple(LEVELS), help="whose attention shapes")
+    p.add_argument("--kernels", default="", help="comma-separated subset of the kernels (default: all)")
     p.add_argument("--torch-route", action="store_true",
                    help="also time FA4 through activate_flash_attention_impl (failed with torch 2.11 + FA4 4.0.0b36)")
     args = p.parse_args(argv)
@@ -126,6 +128,8 @@ def main(argv=None) -> None:
         import flash_attn.cute  # noqa: F401
         fns["fa4"] = fa4_direct()
         fns["fa4-pad32"] = fa4_padded(32)
+        from ldm.attention_fa4 import fa4_attention
+        fns["ldm-fa4"] = fa4_attention  # inference: FA4 forward alone; training: forward + backward, heads padded
         meta["fa4_import"] = "ok"
     except Exception as e:  # not installed, or its CUDA libraries do not load here
         meta["fa4_import"] = f"{type(e).__name__}: {e}"
@@ -159,7 +163,8 @@ def main(argv=None) -> None:
                 print(json.dumps(row), flush=True)
 
     for name, fn in fns.items():
-        run_all(name, fn)
+        if not args.kernels or name in args.kernels.split(","):
+            run_all(name, fn)
     if args.torch_route and activate_flash_attention_impl is not None and "fa4" in fns:
         try:  # the same kernels through SDPA's flash backend (process-wide; last, so the others are unaffected)
             activate_flash_attention_impl("FA4")

@@ -7,9 +7,9 @@
   ``flash`` (Dao et al. 2022), ``efficient`` (Rabe & Staats 2021, memory-efficient) or ``math``; ``fastest``: all
   four in the order cuDNN > flash > efficient > math, each used where the ones before it cannot run (cuDNN was
   measured 1.3-1.8x faster than flash on the H200 for the U-Net's shapes; it has no fp32 kernel, so fp32 falls
-  through to flash or efficient). ldm/speed.py makes ``fastest`` the default on CUDA. ``fa4``: FlashAttention-4's
-  forward (the optional ``flash-attn-4`` package, ldm/attention_fa4.py) where it was measured faster than cuDNN
-  (inference, long self-attention), ``fastest`` for every other call; an error names the package if it is missing.
+  through to flash or efficient). ldm/speed.py makes ``fastest`` the default on CUDA. ``fa4``: FlashAttention-4
+  (the optional ``flash-attn-4`` package, ldm/attention_fa4.py) where it was measured faster than cuDNN (long
+  self-attention; inference and training), ``fastest`` for every other call; an error names the package if it is missing.
 - ``xformers``: ``xformers.ops.memory_efficient_attention`` if xformers is installed AND works on the
   tensors' device. It is probed once per device with a tiny call; a build for another torch or CUDA
   fails there, and then this module warns once with the reason and uses ``sdpa`` from then on.
