@@ -17,7 +17,8 @@ Cases (``--only``):
                      fp32 weights, latents and text embeddings precomputed; batch 64 at 256 px / batch 32 at 512 px;
                      peak memory
     train256_compile / train512_compile   the same steps with our U-Net compiled: default mode with and without
-                     channels-last, reduce-overhead (~150-220 s to compile each; pick with --variants)
+                     channels-last, reduce-overhead with and without the Triton GEGLU backward (~130-220 s to compile
+                     each; pick with --variants "A|B")
     unet_b16_compile / sdxl_b2_compile    batch 16 / SDXL compiled (+ channels-last, + CUDA graphs)
 
 Experiments: ``--compile-mode max-autotune-no-cudagraphs`` for our compiled U-Net cases, ``--inductor KEY=VALUE``
@@ -28,8 +29,9 @@ Method: bf16 networks (training: fp32 weights under bf16 autocast), CUDA-event t
 diffusers network with torch.utils.flop_counter; MFU against --peak (790 TFLOP/s: the bf16 matmul rate measured on
 the H200). Every optimised path of ours (a SpeedConfig, ldm/speed.py) is compared with our eager fp32 output on the
 same inputs: err = max |out - ref| / max |ref|, pass if err < --tol (3e-2, bf16 rounding through ~20 layers), and,
-end to end (25 chaotic sampler steps), if it is no worse than 1.5x plain eager bf16's own error. TF32 is off, so
-fp32 references are fp32.
+end to end (25 chaotic sampler steps), if it is no worse than 1.5x plain eager bf16's own error. Training rows
+are also checked on the gradients (bench/perf_train.py ``check_step``): ||grads - fp32 grads|| / ||fp32 grads|| at
+most 1.5x plain bf16 autocast's on the same weights and batch. TF32 is off, so fp32 references are fp32.
 """
 from __future__ import annotations
 
@@ -315,7 +317,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-reps", type=int, default=20)
     ap.add_argument("--peak", type=float, default=790.0, help="bf16 matmul peak in TFLOP/s for MFU")
     ap.add_argument("--tol", type=float, default=3e-2)
-    ap.add_argument("--variants", default="", help="training cases: only our variants whose label contains this")
+    ap.add_argument("--variants", default="", help="training cases: only our variants whose label contains this (or one of "
+                                                      "several, separated by |)")
     ap.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
                     help="our mode in the compiled U-Net cases (channels-last only, one compilation each)")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",

@@ -28,7 +28,7 @@ def summary(rows: list[dict]) -> list[str]:
     if e:
         out.append(f"end to end 512 px, 25 steps: {e['ms'] / 1e3:.3f} s = {e['ratio']:.2f}x diffusers "
                    f"(goals <= 0.25 s, <= 0.4x)")  # fmt: skip
-    for case, goal in (("train256", 1.6), ("train512", 1.5), ("train256_compile", 1.6)):
+    for case, goal in (("train256", 1.6), ("train512", 1.5), ("train256_compile", 1.6), ("train512_compile", 1.5)):
         rs = [r for r in get(case, "ours") if r.get("ok", True)]
         if rs:
             r = max(rs, key=lambda r: r["img_s"])
@@ -55,6 +55,7 @@ def markdown(rows: list[dict]) -> str:
             ratio = f"{r['ratio_img_s']:.2f}x img/s"
         mfu = f"{r['tflops']:.0f} ({100 * r['mfu']:.0f}%)" if r.get("mfu") else (f("tflops", ".0f"))
         ok = "" if "ok" not in r else ("yes" if r["ok"] else "NO")
+        err = f("err", ".1e") + (f" / grad {r['grad_err']:.1e}" if r.get("grad_err") is not None else "")
         lines.append(f"| {r['case']} | {r['impl']} | {r['variant']} | {f('ms', '.2f')} | {ratio} | {mfu} | "
-                     f"{f('img_s', '.0f')} | {f('peak_gib', '.1f')} | {f('err', '.1e')} | {ok} |")  # fmt: skip
+                     f"{f('img_s', '.0f')} | {f('peak_gib', '.1f')} | {err} | {ok} |")  # fmt: skip
     return "\n".join(lines)

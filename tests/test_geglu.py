@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import ldm.geglu as G
 import ldm.transformer as T
+from ldm.conditioning import Cond
 from ldm.speed import SpeedConfig, apply_speed
 from ldm.unet import UNet, UNetConfig
 
@@ -71,7 +72,7 @@ def test_triton_kernel_and_autograd_function_in_the_interpreter():
 
 
 def test_cpu_and_inference_keep_the_plain_formula():
-    """geglu() is a_*gelu(gate) with PyTorch's autograd off CUDA or without gradients: bit for bit the plain path."""
+    """geglu() is a * gelu(gate) with PyTorch's autograd off CUDA or without gradients: bit for bit the plain path."""
     h = torch.randn(2, 5, 16, requires_grad=True)
     out = G.geglu(h)
     assert out.grad_fn is not None and "GEGLU" not in type(out.grad_fn).__name__
@@ -94,8 +95,6 @@ def test_speed_switch_routes_the_unets_geglus(monkeypatch):
     monkeypatch.setattr(T, "geglu", spy)
     unet = UNet(UNetConfig.sd15().tiny())
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
-    from ldm.conditioning import Cond
-
     cond = Cond(context=torch.randn(1, 7, 24))
     unet(x, t, cond)
     assert calls == []
@@ -107,3 +106,13 @@ def test_speed_switch_routes_the_unets_geglus(monkeypatch):
     calls.clear()
     unet(x, t, cond)
     assert calls == []
+
+
+def test_training_config_key():
+    from ldm.config import ConfigError
+    from training.config import load_train_config
+
+    assert load_train_config(None, ["speed.triton_geglu=false"]).speed.triton_geglu is False
+    assert load_train_config(None, []).speed.triton_geglu is None  # auto
+    with pytest.raises((ConfigError, ValueError), match=r"speed\.triton_geglu"):
+        load_train_config(None, ["speed.triton_geglu=maybe"])
