@@ -145,8 +145,8 @@ def unet_case(plan: Plan, table: Table, case: str, name: str, batch: int, hw: in
             f = lambda: ours(xb, t, cond)  # noqa: E731
             ms = median_ms(f, plan, warmup=3 if compiled else None)
             err = rel_err(out, ref32)
-            row = dict(case=case, impl="ours", variant=label, ms=ms, ratio=ms / d_ms, tflops=flops / ms / 1e9,
-                       mfu=flops / ms / 1e9 / plan.peak, err=err, ok=err < plan.tol,
+            row = dict(case=case, impl="ours", variant=plan.label(label, spec), ms=ms, ratio=ms / d_ms,
+                       tflops=flops / ms / 1e9, mfu=flops / ms / 1e9 / plan.peak, err=err, ok=err < plan.tol,
                        speed=applied.describe())  # fmt: skip
             if graphs_on_top:  # what SpeedConfig(compile="default", cuda_graphs=True / null) applies in one go
                 row["speed"] = row["speed"].replace("cuda_graphs=False", "cuda_graphs=True")
@@ -287,7 +287,7 @@ def e2e_case(plan: Plan, table: Table, e2e_compile: bool = True) -> None:
         ms = median_ms(lambda: ours_run(pipe), plan, warmup=1, reps=reps, events=False)
         err = rel_err(first, ref32)
         base_err = err if base_err is None else base_err
-        table.add(case="e2e", impl="ours", variant=label, ms=ms, ratio=ms / d_ms, err=err, first_image_s=first_s,
+        table.add(case="e2e", impl="ours", variant=plan.label(label, spec), ms=ms, ratio=ms / d_ms, err=err, first_image_s=first_s,
                   ok=err < max(plan.tol, 1.5 * base_err), speed=pipe.bundle.unet.speed.describe())  # fmt: skip
         del pipe
         free()

@@ -37,6 +37,12 @@ class Plan:
             spec["attention_kernel"] = self.attention_kernel
         return SpeedConfig(**spec)
 
+    def label(self, label: str, spec: dict) -> str:
+        """A row's variant label, naming this run's attention kernel where it replaced the fastest (``speed``)."""
+        if self.attention_kernel != "fastest" and spec.get("attention_kernel", "fastest") == "fastest":
+            return f"{label} [attention_kernel={self.attention_kernel}]"
+        return label
+
     def unet_cfg(self, name: str) -> UNetConfig:
         cfg = UNetConfig.sdxl_base() if name == "sdxl" else UNetConfig.sd15()
         if not self.tiny:
