@@ -144,10 +144,15 @@ def train_case(plan: Plan, table: Table, case: str, res: int, batch: int, ours_s
         step()
         sync(plan.device)
         first_s = time.perf_counter() - t0
+        cuda = plan.device.startswith("cuda")
+        first_peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else float("nan")
+        if cuda:  # the steps after the first (compilation, autotuning and graph capture happen in the first)
+            torch.cuda.reset_peak_memory_stats()
         ms = median_ms(step, plan, warmup=2, reps=plan.train_reps, events=True)
-        peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if plan.device.startswith("cuda") else float("nan")
+        steady = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else float("nan")
         row = dict(case=case, impl=impl, variant=label, ms=ms, img_s=batch / ms * 1e3, flops=flops,
-                   tflops=flops / ms / 1e9, mfu=flops / ms / 1e9 / plan.peak, peak_gib=peak)  # fmt: skip
+                   tflops=flops / ms / 1e9, mfu=flops / ms / 1e9 / plan.peak, peak_gib=max(first_peak, steady),
+                   steady_peak_gib=steady)  # fmt: skip
         if first_s > 5:
             row["first_call_s"] = first_s
         if spec is not None:  # the optimised step against our eager fp32 one: output and gradients
