@@ -1,5 +1,5 @@
-"""FlashAttention-4's forward (the CuTe-DSL kernels of the optional ``flash-attn-4`` package; Hopper and Blackwell)
-as a torch custom op, used by ldm/attention.py's ``fa4`` kernel where it was measured to beat cuDNN.
+"""FlashAttention-4 (the CuTe-DSL kernels of the optional ``flash-attn-4`` package; Hopper and Blackwell) as torch
+custom ops, forward and backward, used by ldm/attention.py's ``fa4`` kernel where it was measured to beat cuDNN.
 
 Where it runs (``fa4_applies``), from bench/fa4_attention.py on one H200 (torch 2.11, flash-attn-4 4.0.0b36, bf16,
 BENCHMARKS.md):
@@ -16,8 +16,8 @@ BENCHMARKS.md):
   only for the backward measured slower: 8.31 ms, and the 512 px training step 227.6 instead of 224.6 ms;
 - CUDA devices of compute capability 9.x or 10.x, fp16/bf16, head dim a multiple of 8 up to 256.
 
-The op is opaque to torch.compile (a fake implementation gives the output's shape), so compiled graphs and CUDA
-graphs call it as one kernel launch. FA4 compiles its kernels on first use (a few seconds per head dim).
+The ops are opaque to torch.compile (fake implementations give the outputs' shapes), so compiled graphs and CUDA
+graphs call each as one kernel launch. FA4 compiles its kernels on first use (a few seconds per head dim).
 """
 from __future__ import annotations
 
