@@ -287,8 +287,9 @@ def e2e_case(plan: Plan, table: Table, e2e_compile: bool = True) -> None:
         ms = median_ms(lambda: ours_run(pipe), plan, warmup=1, reps=reps, events=False)
         err = rel_err(first, ref32)
         base_err = err if base_err is None else base_err
-        table.add(case="e2e", impl="ours", variant=plan.label(label, spec), ms=ms, ratio=ms / d_ms, err=err, first_image_s=first_s,
-                  ok=err < max(plan.tol, 1.5 * base_err), speed=pipe.bundle.unet.speed.describe())  # fmt: skip
+        table.add(case="e2e", impl="ours", variant=plan.label(label, spec), ms=ms, ratio=ms / d_ms, err=err,
+                  first_image_s=first_s, ok=err < max(plan.tol, 1.5 * base_err),
+                  speed=pipe.bundle.unet.speed.describe())  # fmt: skip
         del pipe
         free()
 

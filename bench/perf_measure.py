@@ -30,16 +30,18 @@ class Plan:
     variants: str = ""  # training cases: only our variants whose label contains this (empty: all)
     attention_kernel: str = "fastest"  # --attention-kernel: replaces "fastest" in our speed configs
 
+    def _replaces_fastest(self, spec: dict) -> bool:
+        return spec.get("attention_kernel", "fastest") == "fastest"
+
     def speed(self, spec: dict) -> SpeedConfig:
         """Our SpeedConfig for a variant, with this run's attention kernel where the variant asks for the fastest."""
-        spec = dict(spec)
-        if spec.get("attention_kernel", "fastest") == "fastest":
-            spec["attention_kernel"] = self.attention_kernel
+        if self._replaces_fastest(spec):
+            spec = dict(spec, attention_kernel=self.attention_kernel)
         return SpeedConfig(**spec)
 
     def label(self, label: str, spec: dict) -> str:
         """A row's variant label, naming this run's attention kernel where it replaced the fastest (``speed``)."""
-        if self.attention_kernel != "fastest" and spec.get("attention_kernel", "fastest") == "fastest":
+        if self.attention_kernel != "fastest" and self._replaces_fastest(spec):
             return f"{label} [attention_kernel={self.attention_kernel}]"
         return label
 

@@ -32,15 +32,20 @@ _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def geglu(h: Tensor) -> Tensor:
-    """h (..., 2 I) -> (..., I): a * gelu(gate), exact (erf) GELU."""
-    if h.is_cuda and h.requires_grad and torch.is_grad_enabled() and TRITON and h.dtype in _KERNEL_DTYPES:
-        return _GEGLU.apply(h)
+TRITON = importlib.util.find_spec("triton") is not None  # looked up once, not imported until the kernel is built
+
+
+def geglu_plain(h: Tensor) -> Tensor:
+    """h (..., 2 I) -> (..., I): a * gelu(gate), exact (erf) GELU, PyTorch's ops and autograd."""
     a, gate = h.chunk(2, dim=-1)
     return a * F.gelu(gate)
 
 
-TRITON = importlib.util.find_spec("triton") is not None  # looked up once, not imported until the kernel is built
+def geglu(h: Tensor) -> Tensor:
+    """``geglu_plain`` with the one-pass Triton backward where it can run (CUDA, a gradient wanted, Triton)."""
+    if h.is_cuda and h.requires_grad and torch.is_grad_enabled() and TRITON and h.dtype in _KERNEL_DTYPES:
+        return _GEGLU.apply(h)
+    return geglu_plain(h)
 
 
 def geglu_backward_reference(h: Tensor, g: Tensor) -> Tensor:
@@ -58,8 +63,7 @@ class _GEGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor) -> Tensor:
         ctx.save_for_backward(h)
-        a, gate = h.chunk(2, dim=-1)
-        return a * F.gelu(gate)  # (..., I)
+        return geglu_plain(h)  # (..., I)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:
@@ -70,6 +74,7 @@ class _GEGLU(torch.autograd.Function):
 @torch.library.triton_op("ldm::geglu_backward", mutates_args=())
 def geglu_backward(h: Tensor, g: Tensor) -> Tensor:
     """h (..., 2 I), g (..., I) -> grad_h (..., 2 I), contiguous, h's dtype; one Triton kernel."""
+    import triton
     from torch.library import wrap_triton
 
     two_i = h.shape[-1]
@@ -82,17 +87,13 @@ def geglu_backward(h: Tensor, g: Tensor) -> Tensor:
         g2 = g2.contiguous()
     rows = h2.shape[0]
     out = torch.empty((rows, two_i), dtype=h.dtype, device=h.device)
-    grid = (triton_cdiv(rows, _BLOCK_R), triton_cdiv(i, _BLOCK_C))  # tiles of (rows, columns of a / gate)
+    grid = (triton.cdiv(rows, _BLOCK_R), triton.cdiv(i, _BLOCK_C))  # tiles of (rows, columns of a / gate)
     wrap_triton(_bwd_kernel())[grid](h2, g2, out, rows, i, h2.stride(0), g2.stride(0), out.stride(0),
                                       BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)  # fmt: skip
     return out.view(h.shape)
 
 
 _BLOCK_R, _BLOCK_C = 4, 256  # SD's GEGLU widths (1280, 2560, 5120) are multiples of 256
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @functools.cache
@@ -102,7 +103,8 @@ def _bwd_kernel():
     import triton.language as tl
 
     @triton.jit
-    def bwd(h_ptr, g_ptr, out_ptr, R, I, h_row, g_row, out_row, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def triton_geglu_bwd(h_ptr, g_ptr, out_ptr, R, I, h_row, g_row, out_row,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]  # (BLOCK_R, 1)
         cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]  # (1, BLOCK_C)
         mask = (rows < R) & (cols < I)
@@ -116,4 +118,4 @@ def _bwd_kernel():
         tl.store(out_ptr + rows * out_row + cols, grad_a.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(out_ptr + rows * out_row + I + cols, grad_gate.to(out_ptr.dtype.element_ty), mask=mask)
 
-    return bwd
+    return triton_geglu_bwd  # named "triton..." so bench/profile_train.py counts it with the Triton kernels

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import attention
-from .geglu import geglu
+from .geglu import geglu, geglu_plain
 from .unet_blocks import zero_module
 
 
@@ -109,10 +109,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.proj(x)  # (..., 2 * dim_out)
-        if self.triton_backward:
-            return geglu(h)
-        a, gate = h.chunk(2, dim=-1)
-        return a * F.gelu(gate)  # (..., dim_out)
+        return geglu(h) if self.triton_backward else geglu_plain(h)  # (..., dim_out)
 
 
 class FeedForward(nn.Module):
