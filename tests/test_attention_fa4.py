@@ -69,15 +69,18 @@ def test_unet_calls_reach_fa4_only_where_it_applies(capable_gpu, monkeypatch):
     unet = UNet(UNetConfig.sd15().tiny())
     randomize_(unet)
     unet = unet.to(torch.bfloat16)
-    x = torch.randn(1, 4, 16, 16, dtype=torch.bfloat16)
-    cond = Cond(context=torch.randn(1, 7, 24, dtype=torch.bfloat16))
+    g = torch.Generator().manual_seed(0)  # seeded: the bf16 margin below is a property of these inputs
+    x = torch.randn(1, 4, 16, 16, generator=g).to(torch.bfloat16)
+    cond = Cond(context=torch.randn(1, 7, 24, generator=g).to(torch.bfloat16))
     t = torch.tensor([500])
     with torch.no_grad():
         ref = unet(x, t, cond)
         unet.set_attention_backend("sdpa", "fa4")
         out = unet(x, t, cond)
     assert calls and all(lk == lq and lk >= 64 for lq, lk in calls)  # self-attention of the long levels only
-    assert (out.float() - ref.float()).abs().max() / ref.float().abs().max() < 2e-2  # bf16: another summation order
+    # bf16 through the whole U-Net, fp32 formula against SDPA's bf16 kernel: 1.3-2.3% over 12 input seeds (1.5% for
+    # this one); a stand-in 10% off in v gave 4.4-7.7%, so 3.5e-2 separates the two (fp32 checks: tests below)
+    assert (out.float() - ref.float()).abs().max() / ref.float().abs().max() < 3.5e-2
     n_inference = len(calls)
     calls.clear()
     unet(x, t, cond).float().sum().backward()  # training: the same calls, gradients through them
