@@ -17,8 +17,8 @@ Cases (``--only``):
                      fp32 weights, latents and text embeddings precomputed; batch 64 at 256 px / batch 32 at 512 px;
                      peak memory
     train256_compile / train512_compile   the same steps with our U-Net compiled: default mode with and without
-                     channels-last, reduce-overhead with and without the Triton GEGLU backward (~130-220 s to compile
-                     each; pick with --variants "A|B")
+                     channels-last, reduce-overhead with and without the Triton GEGLU backward and the NHWC convolution
+                     gradients (~130-220 s to compile each; pick with --variants "A|B")
     unet_b16_compile / sdxl_b2_compile    batch 16 / SDXL compiled (+ channels-last, + CUDA graphs)
 
 Experiments: ``--compile-mode max-autotune-no-cudagraphs`` for our compiled U-Net cases, ``--inductor KEY=VALUE``

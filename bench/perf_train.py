@@ -193,7 +193,7 @@ def train_case(plan: Plan, table: Table, case: str, res: int, batch: int, ours_s
 
 
 _T = dict(attention_kernel="fastest", channels_last=False, compile="none", low_precision_norms=False,
-          triton_geglu=False)
+          triton_geglu=False, channels_last_grads=False)
 TRAIN_EAGER = {
     "eager, SDPA auto": dict(_T, attention_kernel="auto"),
     "SDPA fastest": dict(_T),
@@ -203,6 +203,9 @@ TRAIN_EAGER = {
     "+ low-precision norms + channels-last (eager)": dict(_T, low_precision_norms=True, channels_last=True),
 }
 TRAIN_COMPILE = {
+    "compile reduce-overhead (CUDA graphs) + low-precision norms + channels-last + Triton GEGLU + NHWC conv grads": dict(
+        _T, compile="reduce-overhead", low_precision_norms=True, channels_last=True, triton_geglu=True,
+        channels_last_grads=True),
     "compile default + low-precision norms + channels-last": dict(_T, compile="default", low_precision_norms=True,
                                                                   channels_last=True),
     "compile default + low-precision norms (NCHW weights)": dict(_T, compile="default", low_precision_norms=True),

@@ -49,6 +49,8 @@ def main() -> int:
     ap.add_argument("--compile", default="default")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--attention-kernel", default="fastest")
+    ap.add_argument("--no-channels-last-grads", action="store_true",
+                    help="speed.channels_last_grads=false (auto turns it on for compiled channels-last training)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="profile.txt")
     ap.add_argument("--top", type=int, default=40, help="how many kernels to list (default: %(default)s)")
@@ -62,7 +64,8 @@ def main() -> int:
         unet = UNet(cfg)
     unet.train()
     apply_speed(unet, SpeedConfig(compile=args.compile, channels_last=args.channels_last,
-                                  attention_kernel=args.attention_kernel), training=True)
+                                  attention_kernel=args.attention_kernel,
+                                  channels_last_grads=False if args.no_channels_last_grads else None), training=True)
     side = args.res // 8
     g = torch.Generator(dev).manual_seed(0)
     latents = torch.randn(args.batch, 4, side, side, generator=g, device=dev)
