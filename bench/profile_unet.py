@@ -1,0 +1,99 @@
+"""Where one SD1.5 U-Net inference call's GPU time goes (the CFG step: batch 2, 64x64 latents), and how much of the
+call is kernels at all: torch.profiler over a few calls of the compiled body without CUDA graphs (so each kernel is
+seen), then the same body replayed from a CUDA graph, timed with CUDA events.
+
+    python bench/profile_unet.py --batch 2 --out $OUT/profile_unet_b2.txt
+
+"kernel time" is the sum of kernel durations per call; "graph replay" minus it is what the GPU spends between
+kernels (the per-kernel scheduling cost that only fewer kernels remove). bf16 weights, random values.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.profile_train import kind  # noqa: E402
+from ldm.conditioning import Cond  # noqa: E402
+from ldm.speed import CUDAGraphForward, SpeedConfig, apply_speed  # noqa: E402
+from ldm.unet import UNet, UNetConfig  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--side", type=int, default=64, help="latent side (default: %(default)s)")
+    ap.add_argument("--attention-kernel", default="fastest")
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--top", type=int, default=40, help="how many kernels to list (default: %(default)s)")
+    ap.add_argument("--out", default="profile_unet.txt")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (it profiles GPU kernels)")
+    cfg = UNetConfig.sd15()
+    with torch.device("cuda"):
+        unet = UNet(cfg).to(torch.bfloat16).eval()
+    apply_speed(unet, SpeedConfig(compile="default", channels_last=True, cuda_graphs=False,
+                                  attention_kernel=args.attention_kernel))
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(args.batch, 4, args.side, args.side, generator=g, device="cuda", dtype=torch.bfloat16)
+    t = torch.full((args.batch,), 500, device="cuda")
+    cond = Cond(context=torch.randn(args.batch, 77, cfg.context_dim, generator=g, device="cuda", dtype=torch.bfloat16))
+    with torch.no_grad():
+        for _ in range(3):
+            unet(x, t, cond)
+        torch.cuda.synchronize()
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.calls):
+                unet(x, t, cond)
+            torch.cuda.synchronize()
+        graphed = CUDAGraphForward(unet.forward)
+        for _ in range(3):
+            graphed(x, t, cond)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(30):
+            start.record()
+            graphed(x, t, cond)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    replay = sorted(times)[len(times) // 2]
+    per_kind, per_kernel = defaultdict(float), defaultdict(lambda: [0.0, 0])
+    n_kernels = 0
+    for e in prof.events():
+        if e.device_type.name != "CUDA" or e.name.startswith("## "):  # "## Call CompiledFxGraph": a range, no kernel
+            continue
+        us = e.device_time if hasattr(e, "device_time") else e.cuda_time
+        per_kind[kind(e.name)] += us
+        per_kernel[e.name][0] += us
+        per_kernel[e.name][1] += 1
+        n_kernels += 1
+    total = sum(per_kind.values()) / args.calls / 1e3
+    n = n_kernels / args.calls
+    lines = [f"# SD1.5 U-Net call, batch {args.batch}, {args.side}x{args.side} latents, bf16, compile=default + "
+             f"channels-last, attention={args.attention_kernel}",
+             f"kernels per call {n:.0f}; kernel time {total:.2f} ms per call; CUDA-graph replay {replay:.2f} ms "
+             f"(median of 30): {replay - total:.2f} ms between kernels, {1e3 * (replay - total) / n:.2f} us per kernel",
+             ""]
+    for k, us in sorted(per_kind.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{k:40s} {us / args.calls / 1e3:8.3f} ms  {100 * us / total / args.calls / 1e3:5.1f}%  "
+                     f"{sum(c for nm, (_, c) in per_kernel.items() if kind(nm) == k) // args.calls:5d} kernels")
+    lines += ["", "top kernels (ms per call, calls per call):"]
+    for name, (us, c) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]:
+        lines.append(f"{us / args.calls / 1e3:8.3f} {c // args.calls:5d}  {kind(name)[:12]:12s} {name[:150]}")
+    text = "\n".join(lines)
+    print(text)
+    Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
