@@ -42,6 +42,20 @@ def kind(name: str) -> str:
     return "other"
 
 
+def top_kernels(per_kernel: dict, per: int, top: int, unit: str) -> list[str]:
+    """The ``top`` kernels by time: ms and calls per ``unit`` (``per`` of them were profiled)."""
+    lines = ["", f"top kernels (ms per {unit}, calls per {unit}):"]
+    for name, (us, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{us / per / 1e3:8.3f} {n // per:5d}  {kind(name)[:12]:12s} {name[:150]}")
+    return lines
+
+
+def write_report(lines: list[str], out: str) -> None:
+    text = "\n".join(lines)
+    print(text)
+    Path(out).write_text(text + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--res", type=int, default=512)
@@ -96,9 +110,7 @@ def main() -> int:
              f"{total / args.steps / 1e3:.1f} ms of GPU kernels per step", ""]
     for k, us in sorted(per_kind.items(), key=lambda kv: -kv[1]):
         lines.append(f"{k:40s} {us / args.steps / 1e3:8.2f} ms  {100 * us / total:5.1f}%")
-    lines += ["", "top kernels (ms per step, calls per step):"]
-    for name, (us, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]:
-        lines.append(f"{us / args.steps / 1e3:8.2f} {n // args.steps:5d}  {kind(name)[:12]:12s} {name[:150]}")
+    lines += top_kernels(per_kernel, args.steps, args.top, "step")
     if args.copies:
         lines += ["", "copy kernels by launching operator chain (ms per step, kernels per step, shapes):"]
         chains = defaultdict(lambda: [0.0, 0, ""])
@@ -118,9 +130,7 @@ def main() -> int:
             chains[key][2] = str(e.input_shapes)[:120]
         for key, (us, n, shapes) in sorted(chains.items(), key=lambda kv: -kv[1][0])[:25]:
             lines.append(f"{us / args.steps / 1e3:8.2f} {n // args.steps:5d}  {key[:260]}  {shapes}")
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).write_text(text + "\n")
+    write_report(lines, args.out)
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.profile_train import kind  # noqa: E402
+from bench.profile_train import kind, top_kernels, write_report  # noqa: E402
 from ldm.conditioning import Cond  # noqa: E402
 from ldm.speed import CUDAGraphForward, SpeedConfig, apply_speed  # noqa: E402
 from ldm.unet import UNet, UNetConfig  # noqa: E402
@@ -86,12 +86,8 @@ def main() -> int:
     for k, us in sorted(per_kind.items(), key=lambda kv: -kv[1]):
         lines.append(f"{k:40s} {us / args.calls / 1e3:8.3f} ms  {100 * us / total / args.calls / 1e3:5.1f}%  "
                      f"{sum(c for nm, (_, c) in per_kernel.items() if kind(nm) == k) // args.calls:5d} kernels")
-    lines += ["", "top kernels (ms per call, calls per call):"]
-    for name, (us, c) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]:
-        lines.append(f"{us / args.calls / 1e3:8.3f} {c // args.calls:5d}  {kind(name)[:12]:12s} {name[:150]}")
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).write_text(text + "\n")
+    lines += top_kernels(per_kernel, args.calls, args.top, "call")
+    write_report(lines, args.out)
     return 0
 
 

@@ -79,6 +79,8 @@ class ChannelsLastGradConv2d(nn.Conv2d):
         weight, bias = self.weight, self.bias
         dev = x.device.type
         if torch.is_autocast_enabled(dev):  # what autocast does to conv2d's arguments, done before the Function
+            if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                return super().forward(x)  # autocast leaves fp64 alone; so does this class
             dt = torch.get_autocast_dtype(dev)
             x, weight = x.to(dt), weight.to(dt)
             bias = bias.to(dt) if bias is not None else None
