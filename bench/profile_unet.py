@@ -31,10 +31,13 @@ def main() -> int:
     ap.add_argument("--attention-kernel", default="fastest")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--top", type=int, default=40, help="how many kernels to list (default: %(default)s)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="torch.backends.cudnn.benchmark = True: time each convolution's algorithms at the first call")
     ap.add_argument("--out", default="profile_unet.txt")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (it profiles GPU kernels)")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     cfg = UNetConfig.sd15()
     with torch.device("cuda"):
         unet = UNet(cfg).to(torch.bfloat16).eval()
@@ -79,7 +82,7 @@ def main() -> int:
     total = sum(per_kind.values()) / args.calls / 1e3
     n = n_kernels / args.calls
     lines = [f"# SD1.5 U-Net call, batch {args.batch}, {args.side}x{args.side} latents, bf16, compile=default + "
-             f"channels-last, attention={args.attention_kernel}",
+             f"channels-last, attention={args.attention_kernel}, cudnn.benchmark={args.cudnn_benchmark}",
              f"kernels per call {n:.0f}; kernel time {total:.2f} ms per call; CUDA-graph replay {replay:.2f} ms "
              f"(median of 30): {replay - total:.2f} ms between kernels, {1e3 * (replay - total) / n:.2f} us per kernel",
              ""]
