@@ -333,18 +333,17 @@ def main(argv=None) -> int:
     bad = [c for c in cases if c not in CASES]
     if bad:
         ap.error(f"--only: unknown case {bad[0]!r}; one of: {', '.join(CASES)}")
-    if args.variants:  # a filter that matches nothing would skip every row of ours without a word
-        train = [c for c in cases if c.startswith("train")]
-        labels = [lb for c in train for lb in (TRAIN_COMPILE if c.endswith("_compile") else TRAIN_EAGER)]
-        for v in args.variants.split("|"):
-            if not any(v in lb for lb in labels):
-                ap.error(f"--variants: {v!r} matches no variant of the training cases in --only "
-                         f"({', '.join(train) or 'none'}); their variants: {'; '.join(labels) or '-'}")
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     quick = args.quick or args.tiny
     plan = Plan(device=device, dtype=torch.bfloat16, tiny=args.tiny, warmup=1 if quick else 5,
                 reps=3 if quick else args.reps, train_reps=3 if quick else args.train_reps, peak=args.peak,
                 tol=args.tol, variants=args.variants, attention_kernel=args.attention_kernel)  # fmt: skip
+    train = [c for c in cases if c.startswith("train")]
+    labels = [lb for c in train for lb in (TRAIN_COMPILE if c.endswith("_compile") else TRAIN_EAGER)]
+    for v in plan.variant_filters():  # a filter that matches nothing would skip every row of ours without a word
+        if not any(v in lb for lb in labels):
+            ap.error(f"--variants: {v!r} matches no variant of the training cases in --only "
+                     f"({', '.join(train) or 'none'}); their variants: {'; '.join(labels) or '-'}")
     import torch._inductor.config as inductor_config
 
     for kv in args.inductor:

@@ -30,6 +30,14 @@ class Plan:
     variants: str = ""  # training cases: only our variants whose label contains this (empty: all)
     attention_kernel: str = "fastest"  # --attention-kernel: replaces "fastest" in our speed configs
 
+    def variant_filters(self) -> list[str]:
+        """--variants split at "|" (empty: no filter)."""
+        return self.variants.split("|") if self.variants else []
+
+    def wants(self, label: str) -> bool:
+        """Whether our training variant ``label`` is run: every one without --variants, else those it names."""
+        return not self.variants or any(v in label for v in self.variant_filters())
+
     def _replaces_fastest(self, spec: dict) -> bool:
         return spec.get("attention_kernel", "fastest") == "fastest"
 

@@ -175,7 +175,7 @@ def train_case(plan: Plan, table: Table, case: str, res: int, batch: int, ours_s
         b_row["ratio_img_s"] = b_row["img_s"] / d_row["img_s"]
         table.add(**b_row)
     for label, spec in ours_specs.items():
-        if plan.variants and not any(v in label for v in plan.variants.split("|")):
+        if not plan.wants(label):
             continue
 
         def build_ours(spec=spec):

@@ -30,16 +30,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .attention_fa4 import fa4_applies, fa4_attention, require_fa4
 
 BACKENDS = ("sdpa", "xformers", "math")
+_FASTEST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.MATH]  # in this order of preference
 SDPA_KERNELS = {
     "auto": None,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
-    "fastest": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                SDPBackend.MATH],  # in this order of preference
-    "fa4": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-            SDPBackend.MATH],  # for the calls that FA4 does not take (ldm/attention_fa4.py)
+    "fastest": _FASTEST,
+    "fa4": _FASTEST,  # for the calls that FA4 does not take (ldm/attention_fa4.py)
 }
 _fa4_on = False  # inside sdpa_context("fa4"): the layers' "auto" calls may go to FA4
 

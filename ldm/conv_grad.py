@@ -26,23 +26,20 @@ from torch import Tensor, nn
 _TAGS = (torch.Tag.needs_fixed_stride_order,)
 
 
-@torch.library.custom_op("ldm::conv2d_backward", mutates_args=(), tags=_TAGS)
-def conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int],
-                    dilation: list[int], groups: int, mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+def _convolution_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                          dilation: list[int], groups: int, mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """``aten.convolution_backward`` of a 2-D convolution: (grad_x, grad_weight, grad_bias); an empty tensor
-    where ``mask`` (x, weight, bias) says the gradient is not wanted."""
+    where ``mask`` (x, weight, bias) says the gradient is not wanted. The op's body and, on fake tensors, its
+    fake implementation (ATen's meta kernel gives the shapes and strides)."""
     bias_sizes = [weight.shape[0]] if mask[2] else None
     outs = torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, False,
                                                [0, 0], groups, mask)
     return tuple(o if o is not None else grad.new_empty(0) for o in outs)  # type: ignore[return-value]
 
 
-@conv2d_backward.register_fake
-def _(grad, x, weight, stride, padding, dilation, groups, mask):
-    bias_sizes = [weight.shape[0]] if mask[2] else None
-    outs = torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, False,
-                                               [0, 0], groups, mask)
-    return tuple(o if o is not None else grad.new_empty(0) for o in outs)
+conv2d_backward = torch.library.custom_op("ldm::conv2d_backward", _convolution_backward, mutates_args=(),
+                                          tags=_TAGS)
+conv2d_backward.register_fake(_convolution_backward)
 
 
 class _Conv2dCL(torch.autograd.Function):
