@@ -51,14 +51,15 @@ from ldm.speed import ATTENTION_KERNELS, CUDAGraphForward, SpeedConfig, apply_sp
 from ldm.unet import UNet, UNetConfig  # noqa: E402
 from ldm.unet_keys import diffusers_to_ours  # noqa: E402
 
+from bench.inductor_flags import add_inductor_flag, apply_inductor_flags  # noqa: E402
 from bench.perf_measure import Plan, Table, count_flops, free, median_ms, randomize_, rel_err, sync  # noqa: E402
 from bench.perf_report import markdown, summary  # noqa: E402
 from bench.perf_train import TRAIN_COMPILE, TRAIN_EAGER, train_case  # noqa: E402
 
 CASES = ("unet_b2", "unet_b2_compile", "unet_b16", "unet_b16_compile", "sdxl_b2", "sdxl_b2_compile", "vae", "e2e",
          "train256", "train512", "train256_compile", "train512_compile")
-OFF = dict(attention_kernel="auto", fused_qkv=False, channels_last=False, cuda_graphs=False,
-           low_precision_norms=False)  # the eager baseline
+OFF = dict(attention_kernel="auto", fused_qkv=False, fused_emb=False, fused_context_kv=False, channels_last=False,
+           cuda_graphs=False, low_precision_norms=False)  # the eager baseline
 
 
 # ------------------------------------------------------------------------------------------------ U-Net
@@ -175,15 +176,17 @@ def unet_variants(channels_last_eager: bool) -> dict:
 
 
 def compile_variants(channels_last_only: bool = False, mode: str = "default") -> dict:
-    base = dict(attention_kernel="fastest", fused_qkv=True, cuda_graphs=False, compile=mode)
+    base = dict(attention_kernel="fastest", fused_qkv=True, cuda_graphs=False, compile=mode, channels_last=True)
     if channels_last_only or mode != "default":  # one compilation
-        return {f"compile {mode} + channels-last": dict(base, channels_last=True),
-                f"compile {mode} + channels-last + CUDA graphs": dict(base, channels_last=True, graphs_on_top=True)}
-    return {
-        "compile default": dict(base, channels_last=False),
-        "compile default + CUDA graphs": dict(base, channels_last=False, graphs_on_top=True),
-        "compile default + channels-last": dict(base, channels_last=True),
-        "compile default + channels-last + CUDA graphs": dict(base, channels_last=True, graphs_on_top=True),
+        return {f"compile {mode} + channels-last": dict(base),
+                f"compile {mode} + channels-last + CUDA graphs": dict(base, graphs_on_top=True)}
+    return {  # (NCHW compiled: 7.04 ms with graphs at batch 2, second session; not timed again)
+        "compile default + channels-last, per-layer emb / context projections": dict(base, fused_emb=False,
+                                                                                     fused_context_kv=False),
+        "compile default + channels-last, per-layer emb / context projections + CUDA graphs": dict(
+            base, fused_emb=False, fused_context_kv=False, graphs_on_top=True),
+        "compile default + channels-last": dict(base),
+        "compile default + channels-last + CUDA graphs": dict(base, graphs_on_top=True),
     }
 
 
@@ -322,9 +325,7 @@ def main(argv=None) -> int:
                                                       "several, separated by |)")
     ap.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"),
                     help="our mode in the compiled U-Net cases (channels-last only, one compilation each)")
-    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
-                    help="set torch._inductor.config.KEY (JSON value) for every compilation of the run, both "
-                    "libraries', e.g. coordinate_descent_tuning=true; repeatable")  # fmt: skip
+    add_inductor_flag(ap)  # both libraries' compilations
     ap.add_argument("--attention-kernel", default="fastest", choices=ATTENTION_KERNELS,
                     help="our attention kernel wherever a variant uses the default 'fastest' (e.g. fa4)")
     ap.add_argument("--no-e2e-compile", action="store_true", help="skip the compiled end-to-end variant (~1 min)")
@@ -344,16 +345,7 @@ def main(argv=None) -> int:
         if not any(v in lb for lb in labels):
             ap.error(f"--variants: {v!r} matches no variant of the training cases in --only "
                      f"({', '.join(train) or 'none'}); their variants: {'; '.join(labels) or '-'}")
-    import torch._inductor.config as inductor_config
-
-    for kv in args.inductor:
-        key, _, value = kv.partition("=")
-        if not hasattr(inductor_config, key):
-            ap.error(f"--inductor: torch._inductor.config has no {key!r}")
-        try:
-            setattr(inductor_config, key, json.loads(value))
-        except json.JSONDecodeError:
-            ap.error(f"--inductor {kv!r}: the value must be JSON (true, 3, \"name\"), got {value!r}")
+    apply_inductor_flags(ap, args.inductor)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     table = Table(plan)

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.inductor_flags import add_inductor_flag, apply_inductor_flags  # noqa: E402
 from bench.profile_train import kind, top_kernels, write_report  # noqa: E402
 from ldm.conditioning import Cond  # noqa: E402
 from ldm.speed import CUDAGraphForward, SpeedConfig, apply_speed  # noqa: E402
@@ -33,16 +34,33 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=40, help="how many kernels to list (default: %(default)s)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="torch.backends.cudnn.benchmark = True: time each convolution's algorithms at the first call")
+    ap.add_argument("--trace", default="", help="also write the profiled calls' Chrome trace here (kernel grids)")
+    ap.add_argument("--code", default="",
+                    help="also copy Inductor's generated module(s) for the U-Net here (the Triton kernels' source)")
+    ap.add_argument("--nhwc-group-norm", action="store_true", help="speed.nhwc_group_norm=true (auto: off)")
+    ap.add_argument("--no-fused-emb", action="store_true", help="speed.fused_emb=false (auto: on for CUDA inference)")
+    ap.add_argument("--no-fused-context-kv", action="store_true",
+                    help="speed.fused_context_kv=false (auto: on for CUDA inference)")
+    add_inductor_flag(ap)
     ap.add_argument("--out", default="profile_unet.txt")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (it profiles GPU kernels)")
+    apply_inductor_flags(ap, args.inductor)
+    if args.code:
+        import os
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir = tempfile.mkdtemp(prefix="inductor_")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     cfg = UNetConfig.sd15()
     with torch.device("cuda"):
         unet = UNet(cfg).to(torch.bfloat16).eval()
-    apply_speed(unet, SpeedConfig(compile="default", channels_last=True, cuda_graphs=False,
-                                  attention_kernel=args.attention_kernel))
+    speed = SpeedConfig(compile="default", channels_last=True, cuda_graphs=False, attention_kernel=args.attention_kernel,
+                        nhwc_group_norm=True if args.nhwc_group_norm else None,
+                        fused_emb=False if args.no_fused_emb else None,
+                        fused_context_kv=False if args.no_fused_context_kv else None)
+    applied = apply_speed(unet, speed)
     g = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(args.batch, 4, args.side, args.side, generator=g, device="cuda", dtype=torch.bfloat16)
     t = torch.full((args.batch,), 500, device="cuda")
@@ -57,6 +75,8 @@ def main() -> int:
             for _ in range(args.calls):
                 unet(x, t, cond)
             torch.cuda.synchronize()
+        if args.trace:
+            prof.export_chrome_trace(args.trace)
         graphed = CUDAGraphForward(unet.forward)
         for _ in range(3):
             graphed(x, t, cond)
@@ -81,8 +101,9 @@ def main() -> int:
         n_kernels += 1
     total = sum(per_kind.values()) / args.calls / 1e3
     n = n_kernels / args.calls
-    lines = [f"# SD1.5 U-Net call, batch {args.batch}, {args.side}x{args.side} latents, bf16, compile=default + "
-             f"channels-last, attention={args.attention_kernel}, cudnn.benchmark={args.cudnn_benchmark}",
+    lines = [f"# SD1.5 U-Net call, batch {args.batch}, {args.side}x{args.side} latents, bf16, cudnn.benchmark="
+             f"{args.cudnn_benchmark}" + (f", inductor {' '.join(args.inductor)}" if args.inductor else ""),
+             f"# speed: {applied.describe()}",
              f"kernels per call {n:.0f}; kernel time {total:.2f} ms per call; CUDA-graph replay {replay:.2f} ms "
              f"(median of 30): {replay - total:.2f} ms between kernels, {1e3 * (replay - total) / n:.2f} us per kernel",
              ""]
@@ -90,8 +111,21 @@ def main() -> int:
         lines.append(f"{k:40s} {us / args.calls / 1e3:8.3f} ms  {100 * us / total / args.calls / 1e3:5.1f}%  "
                      f"{sum(c for nm, (_, c) in per_kernel.items() if kind(nm) == k) // args.calls:5d} kernels")
     lines += top_kernels(per_kernel, args.calls, args.top, "call")
+    if args.code:
+        lines += ["", *copy_generated_code(cache_dir, args.code)]
     write_report(lines, args.out)
     return 0
+
+
+def copy_generated_code(cache_dir: str, dest: str) -> list[str]:
+    """Inductor's output modules (the ones that launch kernels: they define ``call``) from its cache into ``dest``."""
+    import shutil
+
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    found = [p for p in Path(cache_dir).rglob("*.py") if "def call(" in p.read_text(errors="ignore")]
+    for p in found:
+        shutil.copy(p, Path(dest) / p.name)
+    return [f"generated modules copied to {dest}: {', '.join(p.name for p in found) or 'none found'}"]
 
 
 if __name__ == "__main__":

@@ -17,6 +17,12 @@ what it was.
     fused_qkv         one matmul for q, k, v of self-attention and one for k, v of cross-attention, through weights
                       concatenated once and cached (ldm/transformer.py, CrossAttention.fuse_projections).
                       Inference only: with gradients the separate projections run. auto: on with CUDA, inference.
+    fused_emb         one matmul for every ResBlock's time-embedding projection (22 matmuls of 2-4 rows in SD 1.5),
+                      through weights concatenated once and cached (ldm/unet.py, UNetEncoder.fuse_emb_projections);
+                      each block reads its columns. Inference only. auto: on with CUDA, inference.
+    fused_context_kv  one matmul for every cross-attention's keys and values of the text context (16 in SD 1.5),
+                      likewise cached (UNetEncoder.fuse_context_projections); acts where fused_qkv does.
+                      auto: on with CUDA, inference.
     channels_last     convolution weights (and so activations) in NHWC. cuDNN's bf16 convolutions run NHWC natively,
                       but PyTorch's eager CUDA GroupNorm copies NHWC input to NCHW, so eager loses what the
                       convolutions gain; compiled, Inductor writes GroupNorm for either layout. auto: on with CUDA
@@ -43,6 +49,13 @@ what it was.
                       at 512 px, batch 32; that step 223.3 -> 214.0 ms with fa4, 1.50x diffusers with cuDNN). Same
                       kernels, same values. Acts only when gradients flow. auto: on with CUDA for compiled
                       channels-last training.
+    nhwc_group_norm   GroupNorm computed from the channels-last (B, H*W, C) view (ldm/norm_nhwc.py): per-channel
+                      statistics along contiguous rows, combined per group, one coalesced pass to normalise; the
+                      NCHW-order decomposition read channels-last memory one element per row step (11-17 us per
+                      64x64-level norm in the compiled SD 1.5 CFG step). Same normalisation in fp32. Acts only on
+                      4-D channels-last inputs. Measured on the compiled CFG step: Inductor splits the per-channel
+                      reduction into two kernels, the second on 5 blocks, and the step got 0.05 ms slower
+                      (BENCHMARKS.md); training unmeasured. auto: off.
 """
 from __future__ import annotations
 
@@ -59,6 +72,7 @@ from .attention_fa4 import require_fa4
 from .config import check_choices, choice
 from .conditioning import Cond
 from .conv_grad import set_channels_last_grads
+from .norm_nhwc import set_nhwc_group_norm
 from .norms import set_low_precision_norms
 
 COMPILE_MODES = ("none", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
@@ -69,17 +83,20 @@ ATTENTION_KERNELS = tuple(SDPA_KERNELS)  # auto | cudnn | flash | efficient | ma
 class SpeedConfig:
     attention_kernel: str = choice("fastest", *ATTENTION_KERNELS)
     fused_qkv: Optional[bool] = None  # None: auto (CUDA inference)
+    fused_emb: Optional[bool] = None  # None: auto (CUDA inference)
+    fused_context_kv: Optional[bool] = None  # None: auto (CUDA inference)
     channels_last: Optional[bool] = None  # None: auto (CUDA and compiled)
     compile: str = choice("none", *COMPILE_MODES)
     cuda_graphs: Optional[bool] = None  # None: auto (CUDA inference, unless compile=reduce-overhead)
     low_precision_norms: Optional[bool] = None  # None: auto (CUDA); acts only under autocast
     triton_geglu: Optional[bool] = None  # None: auto (CUDA); acts only with gradients
     channels_last_grads: Optional[bool] = None  # None: auto (CUDA, compiled channels-last training)
+    nhwc_group_norm: Optional[bool] = None  # None: auto (off)
 
     def __post_init__(self) -> None:
         check_choices(self, "speed")
-        for name in ("fused_qkv", "channels_last", "cuda_graphs", "low_precision_norms", "triton_geglu",
-                     "channels_last_grads"):
+        for name in ("fused_qkv", "fused_emb", "fused_context_kv", "channels_last", "cuda_graphs", "low_precision_norms", "triton_geglu",
+                     "channels_last_grads", "nhwc_group_norm"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise ValueError(f"speed.{name}: must be true, false or null (auto), got {v!r}")
@@ -105,12 +122,15 @@ class SpeedConfig:
         return ResolvedSpeed(
             attention_kernel=kernel,
             fused_qkv=_auto(self.fused_qkv, cuda and not training),
+            fused_emb=_auto(self.fused_emb, cuda and not training),
+            fused_context_kv=_auto(self.fused_context_kv, cuda and not training),
             channels_last=channels_last,
             compile=self.compile,
             cuda_graphs=_auto(self.cuda_graphs, cuda and not training and self.compile != "reduce-overhead"),
             low_precision_norms=_auto(self.low_precision_norms, cuda),
             triton_geglu=_auto(self.triton_geglu, cuda),
             channels_last_grads=_auto(self.channels_last_grads, cuda and training and channels_last and compiled),
+            nhwc_group_norm=_auto(self.nhwc_group_norm, False),  # measured slower at inference; training unmeasured
         )
 
 
@@ -128,6 +148,9 @@ class ResolvedSpeed:
     low_precision_norms: bool = False
     triton_geglu: bool = False
     channels_last_grads: bool = False
+    nhwc_group_norm: bool = False
+    fused_emb: bool = False
+    fused_context_kv: bool = False
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
@@ -157,8 +180,17 @@ def apply_speed(unet: nn.Module, cfg: SpeedConfig | None = None, *, training: bo
             m.channels_last = r.channels_last
         if isinstance(m, GEGLU):
             m.triton_backward = r.triton_geglu
+    if hasattr(unet, "fuse_emb_projections"):  # after the layers' fuse_projections: the context k, v needs them
+        unet.fuse_emb_projections(r.fused_emb)
+        unet.fuse_context_projections(r.fused_context_kv)
+        if r.fused_emb:
+            unet.fused_emb_projection()  # built now, eagerly, so a compiled graph only reads the buffers
+        if r.fused_context_kv:
+            unet.fused_context_projection()
     if r.low_precision_norms:
         set_low_precision_norms(unet, True)
+    if r.nhwc_group_norm:  # after the low-precision switch: it keeps the class it replaces
+        set_nhwc_group_norm(unet, True)
     if r.channels_last_grads:
         set_channels_last_grads(unet, True)
     if r.channels_last:
@@ -189,6 +221,11 @@ def remove_speed(unet: nn.Module) -> None:
             m.channels_last = False
         if isinstance(m, GEGLU):
             m.triton_backward = False
+    if hasattr(unet, "fuse_emb_projections"):
+        unet.fuse_emb_projections(False)
+        unet.fuse_context_projections(False)
+    if unet.speed.nhwc_group_norm:  # first: it restores the low-precision class
+        set_nhwc_group_norm(unet, False)
     if unet.speed.low_precision_norms:
         set_low_precision_norms(unet, False)
     if unet.speed.channels_last_grads:

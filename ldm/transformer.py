@@ -7,13 +7,25 @@ load as they are; diffusers' ``Transformer2DModel`` uses the same names below th
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import attention
+from .cached_cat import cached_cat
 from .geglu import geglu, geglu_plain
 from .unet_blocks import zero_module
+
+
+class ContextKV(NamedTuple):
+    """The context with every cross-attention's keys and values from one matmul
+    (``UNetEncoder.fuse_context_projections``): ``kv`` is (B, T, sum of 2 * inner) = context @ [W_k1; W_v1; W_k2;
+    ...]^T; a cross-attention reads its own columns, ``kv_columns``, and the rest of the network sees ``context``."""
+
+    context: Tensor
+    kv: Tensor
 
 
 class CrossAttention(nn.Module):
@@ -42,7 +54,7 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
         self.fused = False  # fuse_projections(True): one matmul for q, k, v (or k, v), ldm/speed.py
         self.register_buffer("fused_weight", None, persistent=False)  # not in the state dict
-        self._fused_key = None
+        self.kv_columns: tuple[int, int] | None = None  # this layer's columns of a ContextKV (ldm/speed.py)
 
     def fuse_projections(self, on: bool = True) -> None:
         """Inference speed: run [to_q; to_k; to_v] (self-attention) or [to_k; to_v] (cross-attention) as one matmul
@@ -51,7 +63,7 @@ class CrossAttention(nn.Module):
         version counters; with gradients on, or if a projection is not a plain nn.Linear (LoRA), the separate
         projections run."""
         self.fused = on
-        self.fused_weight, self._fused_key = None, None
+        self.fused_weight = None
 
     def _fusable(self, context: Tensor | None) -> bool:
         mods = (self.to_q, self.to_k, self.to_v)
@@ -61,18 +73,17 @@ class CrossAttention(nn.Module):
 
     def fused_projection(self) -> Tensor:
         """(3 * inner, C) [to_q; to_k; to_v] for self-attention, (2 * inner, D) [to_k; to_v] for cross-attention;
-        rebuilt when a weight changed in place or moved (version counter, storage, dtype)."""
+        rebuilt when a weight changed in place or moved (ldm/cached_cat.py)."""
         mods = (self.to_k, self.to_v) if self.is_cross else (self.to_q, self.to_k, self.to_v)
-        if torch.compiler.is_compiling() and self.fused_weight is not None:
-            return self.fused_weight  # built eagerly before compiling (ldm/speed.py): the graph reads the buffer
-        key = tuple((m.weight._version, m.weight.data_ptr(), m.weight.dtype) for m in mods)
-        if self.fused_weight is None or key != self._fused_key:
-            self.fused_weight = torch.cat([m.weight.detach() for m in mods])
-            self._fused_key = key
-        return self.fused_weight
+        return cached_cat(self, "fused_weight", [m.weight for m in mods])
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        # x: (B, L, C); context: (B, T, D) or None for self-attention
+    def forward(self, x: Tensor, context: Tensor | ContextKV | None = None) -> Tensor:
+        # x: (B, L, C); context: (B, T, D) or None for self-attention, or a ContextKV carrying this layer's k, v
+        if isinstance(context, ContextKV):
+            if self.kv_columns is not None and self.fused and self._fusable(context.context):
+                a, b = self.kv_columns
+                return self._forward_fused(x, context.context, context.kv[..., a:b])  # (B, T, 2 * inner) view
+            context = context.context
         if self.fused and self._fusable(context):
             return self._forward_fused(x, context)
         context = x if context is None else context
@@ -84,7 +95,7 @@ class CrossAttention(nn.Module):
         out = out.transpose(1, 2).reshape(B, L, -1)  # (B, L, nh * hs)
         return self.to_out(out)  # (B, L, C)
 
-    def _forward_fused(self, x: Tensor, context: Tensor | None) -> Tensor:
+    def _forward_fused(self, x: Tensor, context: Tensor | None, kv: Tensor | None = None) -> Tensor:
         B, L, _ = x.shape
         if context is None:  # self-attention: one (B, L, 3 * inner) matmul
             qkv = F.linear(x, self.fused_projection()).view(B, L, 3, self.heads, -1)
@@ -92,7 +103,8 @@ class CrossAttention(nn.Module):
         else:  # cross-attention: q from x, one (B, T, 2 * inner) matmul for k, v
             T = context.shape[1]
             q = self.to_q(x).view(B, L, self.heads, -1).transpose(1, 2)  # (B, nh, L, hs)
-            kv = F.linear(context, self.fused_projection()).view(B, T, 2, self.heads, -1)
+            kv = F.linear(context, self.fused_projection()) if kv is None else kv  # (B, T, 2 * inner)
+            kv = kv.view(B, T, 2, self.heads, -1)
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         out = attention(q, k, v, self.backend, self.kernel)  # (B, nh, L, hs)
         out = out.transpose(1, 2).reshape(B, L, -1)  # (B, L, nh * hs)

@@ -9,6 +9,7 @@ copy less in half precision (where autocast already runs group norm in fp32; ldm
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,14 @@ def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.detach().zero_()
     return module
+
+
+class EmbTable(NamedTuple):
+    """Every ResBlock's time-embedding projection from one matmul (``UNetEncoder.fuse_emb_projections``):
+    ``table`` is (B', sum of the blocks' widths) = silu(emb) @ [W_1; W_2; ...]^T + [b_1; b_2; ...]; a ResBlock
+    reads its own columns, ``emb_columns``."""
+
+    table: Tensor
 
 
 class ResBlock(nn.Module):
@@ -70,11 +79,19 @@ class ResBlock(nn.Module):
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.emb_columns: tuple[int, int] | None = None  # this block's columns of an EmbTable (ldm/speed.py)
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        # x: (B, C, H, W); emb: (B', E) with B' >= B (the U-Net pads it, see UNet._forward)
+    def forward(self, x: Tensor, emb: Tensor | EmbTable) -> Tensor:
+        # x: (B, C, H, W); emb: (B', E) with B' >= B (the U-Net pads it, see UNet._forward), or the projections of
+        # every block at once, (B', sum of widths)
         h = self.in_layers(x)  # (B, C_out, H, W)
-        e = self.emb_layers(emb)[: x.shape[0], :, None, None]  # (B, C_out or 2 C_out, 1, 1)
+        if isinstance(emb, EmbTable):
+            if self.emb_columns is None:
+                raise RuntimeError("ResBlock got an EmbTable but has no emb_columns (UNetEncoder.fuse_emb_projections)")
+            e = emb.table[:, self.emb_columns[0] : self.emb_columns[1]]  # (B', C_out or 2 C_out)
+        else:
+            e = self.emb_layers(emb)  # (B', C_out or 2 C_out)
+        e = e[: x.shape[0], :, None, None]  # (B, C_out or 2 C_out, 1, 1)
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
             h = self.out_layers[0](h) * (1 + scale) + shift
