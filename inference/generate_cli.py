@@ -145,6 +145,9 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
                    "FlashAttention-4 for the long self-attention, needs pip install flash-attn-4)")
     for flag, what in (("channels-last", "NHWC convolutions (auto: on when compiled)"),
                        ("fused-qkv", "one matmul for q, k, v (auto: on with CUDA)"),
+                       ("fused-emb", "one matmul for every ResBlock's time-embedding projection (auto: on with CUDA)"),
+                       ("fused-context-kv", "one matmul for every cross-attention's k, v of the text (auto: on with "
+                                            "CUDA; acts with --fused-qkv)"),
                        ("cuda-graphs", "replay the U-Net call from a CUDA graph (auto: on with CUDA)")):  # fmt: skip
         g.add_argument(f"--{flag}", default="auto", metavar="auto|on|off", help=f"{what} (default: %(default)s)")
 
@@ -158,7 +161,7 @@ def speed_config(args: argparse.Namespace):
     _check_choice("--attention-kernel", args.attention_kernel, ATTENTION_KERNELS)
     tri = {"auto": None, "on": True, "off": False}
     flags = {}
-    for flag in ("channels-last", "fused-qkv", "cuda-graphs"):
+    for flag in ("channels-last", "fused-qkv", "fused-emb", "fused-context-kv", "cuda-graphs"):
         value = getattr(args, flag.replace("-", "_"))
         _check_choice(f"--{flag}", value, tuple(tri))
         flags[flag.replace("-", "_")] = tri[value]

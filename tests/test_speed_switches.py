@@ -143,6 +143,10 @@ def test_train_config_speed_section():
         load_train_config(None, ["speed.compile=fastest"])
     with pytest.raises((ConfigError, ValueError), match=r"speed\.cuda_graphs"):
         load_train_config(None, ["speed.cuda_graphs=true"])
+    for key in ("fused_emb", "fused_context_kv"):  # inference only, like fused_qkv
+        with pytest.raises((ConfigError, ValueError), match=rf"speed\.{key}: inference only"):
+            load_train_config(None, [f"speed.{key}=true"])
+        assert load_train_config(None, [f"speed.{key}=false"]).speed.__dict__[key] is False
 
 
 def test_cli_flags_build_the_speed_config():
@@ -153,9 +157,12 @@ def test_cli_flags_build_the_speed_config():
     got = generate_cli.speed_config(p.parse_args(["--compile", "--channels-last", "on", "--cuda-graphs", "off",
                                                   "--attention-kernel", "flash"]))  # fmt: skip
     assert got == SpeedConfig(compile="default", channels_last=True, cuda_graphs=False, attention_kernel="flash")
+    got = generate_cli.speed_config(p.parse_args(["--fused-emb", "off", "--fused-context-kv", "off"]))
+    assert got == SpeedConfig(fused_emb=False, fused_context_kv=False)
     got = generate_cli.speed_config(p.parse_args(["--compile-mode", "max-autotune"]))
     assert got.compile == "max-autotune"
     for argv, flag in ((["--compile-mode", "fast"], "--compile-mode"), (["--fused-qkv", "yes"], "--fused-qkv"),
+                       (["--fused-emb", "1"], "--fused-emb"),
                        (["--compile-mode", "reduce-overhead", "--cuda-graphs", "on"], "--cuda-graphs")):  # fmt: skip
         with pytest.raises(ValueError, match=flag):
             generate_cli.speed_config(p.parse_args(argv))
