@@ -28,13 +28,12 @@ from .condition_cli import add_condition_arguments, condition_kwargs
 from .convert import DTYPES, FAMILIES, PREDICTIONS
 from .default_model import default_model_path
 from .metadata import GenerationParams, read_png_params
+from .speed_cli import ATTENTION_KERNELS, COMPILE_MODES, add_speed_arguments, speed_config  # noqa: F401 (re-exported)
 
 MODES = ("txt2img", "img2img", "inpaint")
 SCHEDULES = ("discrete", "karras", "exponential")
 INPAINT_MODES = ("auto", "blend", "unet")
 # copies of ldm/speed.py's choices (``ldm --help`` imports no torch); tests/test_speed_switches.py checks they match
-COMPILE_MODES = ("none", "default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
-ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math", "fastest", "fa4")
 TILE = 64  # --tile without a value: tiles of 64 latent pixels (512 image pixels)
 
 # Defaults of the options that a PNG's metadata can also supply (argparse keeps None, meaning "not given",
@@ -131,46 +130,6 @@ def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
                    help="model config override, as in `ldm convert` (repeatable)")  # fmt: skip
     add_condition_arguments(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar (default: a bar on stderr)")
-
-
-def add_speed_arguments(p: argparse.ArgumentParser) -> None:
-    """The U-Net's speed switches (ldm/speed.py SpeedConfig); every default is the library's, the fastest correct."""
-    g = p.add_argument_group("speed (ldm/speed.py; defaults: the fastest correct ones for the device)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the U-Net (mode: default): ~50 s more for "
-                   "the first image, ~40%% less time per step after it (default: off)")  # fmt: skip
-    g.add_argument("--compile-mode", default=None, metavar="MODE",
-                   help=f"torch.compile mode, implies --compile: {', '.join(COMPILE_MODES)}")
-    g.add_argument("--attention-kernel", default="fastest", metavar="KERNEL",
-                   help=f"SDPA kernel: {', '.join(ATTENTION_KERNELS)} (default: %(default)s = cuDNN first on CUDA; fa4 = "
-                   "FlashAttention-4 for the long self-attention, needs pip install flash-attn-4)")
-    for flag, what in (("channels-last", "NHWC convolutions (auto: on when compiled)"),
-                       ("fused-qkv", "one matmul for q, k, v (auto: on with CUDA)"),
-                       ("fused-emb", "one matmul for every ResBlock's time-embedding projection (auto: on with CUDA)"),
-                       ("fused-context-kv", "one matmul for every cross-attention's k, v of the text (auto: on with "
-                                            "CUDA; acts with --fused-qkv)"),
-                       ("cuda-graphs", "replay the U-Net call from a CUDA graph (auto: on with CUDA)")):  # fmt: skip
-        g.add_argument(f"--{flag}", default="auto", metavar="auto|on|off", help=f"{what} (default: %(default)s)")
-
-
-def speed_config(args: argparse.Namespace):
-    """SpeedConfig from the speed flags; ValueError naming the flag."""
-    from ldm.speed import SpeedConfig  # noqa: PLC0415
-
-    mode = args.compile_mode if args.compile_mode is not None else ("default" if args.compile else "none")
-    _check_choice("--compile-mode", mode, COMPILE_MODES)
-    _check_choice("--attention-kernel", args.attention_kernel, ATTENTION_KERNELS)
-    tri = {"auto": None, "on": True, "off": False}
-    flags = {}
-    for flag in ("channels-last", "fused-qkv", "fused-emb", "fused-context-kv", "cuda-graphs"):
-        value = getattr(args, flag.replace("-", "_"))
-        _check_choice(f"--{flag}", value, tuple(tri))
-        flags[flag.replace("-", "_")] = tri[value]
-    try:
-        return SpeedConfig(attention_kernel=args.attention_kernel, compile=mode, **flags)
-    except ValueError as e:  # "speed.cuda_graphs: ..." -> "--cuda-graphs: ..."
-        key, _, rest = str(e).partition(": ")
-        flag = {"compile": "compile-mode"}.get(key.removeprefix("speed."), key.removeprefix("speed.")).replace("_", "-")
-        raise ValueError(f"--{flag}: {rest}") from None
 
 
 def _size_default(mode: str) -> str:

@@ -18,10 +18,10 @@ what it was.
                       concatenated once and cached (ldm/transformer.py, CrossAttention.fuse_projections).
                       Inference only: with gradients the separate projections run. auto: on with CUDA, inference.
     fused_emb         one matmul for every ResBlock's time-embedding projection (22 matmuls of 2-4 rows in SD 1.5),
-                      through weights concatenated once and cached (ldm/unet.py, UNetEncoder.fuse_emb_projections);
+                      through weights concatenated once and cached (ldm/fused_projections.py, fuse_emb_projections);
                       each block reads its columns. Inference only. auto: on with CUDA, inference.
     fused_context_kv  one matmul for every cross-attention's keys and values of the text context (16 in SD 1.5),
-                      likewise cached (UNetEncoder.fuse_context_projections); acts where fused_qkv does.
+                      likewise cached (ldm/fused_projections.py, fuse_context_projections); acts where fused_qkv does.
                       auto: on with CUDA, inference.
     channels_last     convolution weights (and so activations) in NHWC. cuDNN's bf16 convolutions run NHWC natively,
                       but PyTorch's eager CUDA GroupNorm copies NHWC input to NCHW, so eager loses what the
@@ -95,8 +95,7 @@ class SpeedConfig:
 
     def __post_init__(self) -> None:
         check_choices(self, "speed")
-        for name in ("fused_qkv", "fused_emb", "fused_context_kv", "channels_last", "cuda_graphs", "low_precision_norms", "triton_geglu",
-                     "channels_last_grads", "nhwc_group_norm"):
+        for name in (f.name for f in fields(self) if f.type == "Optional[bool]"):  # the on / off / auto switches
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise ValueError(f"speed.{name}: must be true, false or null (auto), got {v!r}")

@@ -54,7 +54,7 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
         self.fused = False  # fuse_projections(True): one matmul for q, k, v (or k, v), ldm/speed.py
         self.register_buffer("fused_weight", None, persistent=False)  # not in the state dict
-        self.kv_columns: tuple[int, int] | None = None  # this layer's columns of a ContextKV (ldm/speed.py)
+        self.kv_columns: tuple[int, int] | None = None  # this layer's columns of a ContextKV (ldm/fused_projections.py)
 
     def fuse_projections(self, on: bool = True) -> None:
         """Inference speed: run [to_q; to_k; to_v] (self-attention) or [to_k; to_v] (cross-attention) as one matmul

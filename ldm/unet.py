@@ -34,15 +34,14 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import check_backend, sdpa_context
 from .conditioning import Cond
-from .cached_cat import cached_cat
-from .transformer import ContextKV, CrossAttention, SpatialTransformer
-from .unet_blocks import Downsample, EmbTable, ResBlock, Upsample, timestep_embedding, zero_module
+from .fused_projections import FusedProjections
+from .transformer import CrossAttention, SpatialTransformer
+from .unet_blocks import Downsample, ResBlock, Upsample, timestep_embedding, zero_module
 
 
 @dataclass
@@ -227,7 +226,7 @@ class EmbedSequential(nn.Sequential):
         return h
 
 
-class UNetEncoder(nn.Module):
+class UNetEncoder(FusedProjections, nn.Module):
     """The U-Net's down half in the original names: ``time_embed``, ``label_emb``, ``input_blocks``, ``middle_block``.
 
     ``UNet`` adds the up half; ``ControlNet`` (ldm/controlnet.py) adds its hint encoder and zero convolutions.
@@ -271,11 +270,7 @@ class UNetEncoder(nn.Module):
         )
         self.skip_channels = tuple(skip_chs)  # width of each input block's output, in order
         self.middle_channels = ch
-        self.emb_fused = False  # fuse_emb_projections(True): one matmul for every ResBlock's embedding projection
-        self.register_buffer("emb_fused_weight", None, persistent=False)  # not in the state dict
-        self.register_buffer("emb_fused_bias", None, persistent=False)
-        self.context_fused = False  # fuse_context_projections(True): one matmul for every cross-attention's k, v
-        self.register_buffer("context_fused_weight", None, persistent=False)
+        self._init_fused_projections()  # ldm/fused_projections.py: off until ldm/speed.py switches them on
 
     def _res_block(self, ch_in: int, ch_out: int) -> ResBlock:
         cfg = self.cfg
@@ -323,75 +318,6 @@ class UNetEncoder(nn.Module):
         elif self.label_emb is not None:
             emb = emb + self.label_emb(_pad_rows(cond.vector.to(dtype), MIN_EMB_ROWS))
         return emb
-
-    def fuse_emb_projections(self, on: bool = True) -> None:
-        """Inference speed: every ResBlock's time-embedding projection (``emb_layers``: SiLU, Linear) as one matmul,
-        silu(emb) @ [W_1; W_2; ...]^T, on weights concatenated once and cached in non-persistent buffers (the state
-        dict keeps each block's ``emb_layers.1``); each block reads its columns of the result (an EmbTable). The
-        cache follows in-place weight changes (ldm/cached_cat.py); with gradients on, or if a projection is not a
-        plain nn.Linear (LoRA), each block projects for itself. Used by UNet's forward."""
-        self.emb_fused = on
-        self.emb_fused_weight = self.emb_fused_bias = None
-        start = 0
-        for block in self._res_blocks():
-            width = block.emb_layers[1].out_features
-            block.emb_columns = (start, start + width) if on else None
-            start += width
-
-    def fuse_context_projections(self, on: bool = True) -> None:
-        """Inference speed: every cross-attention's keys and values of the context as one matmul, context @ [W_k1;
-        W_v1; W_k2; W_v2; ...]^T, on weights concatenated once and cached (non-persistent); each layer reads its
-        columns (a ContextKV). Acts where the layers' own fused projections would run (``fuse_projections``: no
-        gradients, plain nn.Linear). Used by UNet's forward."""
-        self.context_fused = on
-        self.context_fused_weight = None
-        start = 0
-        for attn in self._cross_attentions():
-            width = attn.to_k.out_features + attn.to_v.out_features
-            attn.kv_columns = (start, start + width) if on else None
-            start += width
-
-    def _res_blocks(self) -> list[ResBlock]:
-        return [m for m in self.modules() if isinstance(m, ResBlock)]
-
-    def _cross_attentions(self) -> list[CrossAttention]:
-        return [m for m in self.modules() if isinstance(m, CrossAttention) and m.is_cross]
-
-    def _emb_fusable(self) -> bool:
-        lins = [b.emb_layers[1] for b in self._res_blocks()]
-        if any(type(m) is not nn.Linear or m.bias is None for m in lins):  # e.g. LoRA
-            return False
-        if any(b.emb_columns is None for b in self._res_blocks()):  # a block added after fuse_emb_projections
-            return False
-        return not (torch.is_grad_enabled() and any(m.weight.requires_grad or m.bias.requires_grad for m in lins))
-
-    def _context_fusable(self, context: Tensor) -> bool:
-        attns = self._cross_attentions()
-        return bool(attns) and all(a.kv_columns is not None and a.fused and a._fusable(context) for a in attns)
-
-    def fused_emb_projection(self) -> tuple[Tensor, Tensor]:
-        """(sum of widths, 4 mc) weight and (sum of widths,) bias, the blocks' in module order."""
-        lins = [b.emb_layers[1] for b in self._res_blocks()]
-        return (cached_cat(self, "emb_fused_weight", [m.weight for m in lins]),
-                cached_cat(self, "emb_fused_bias", [m.bias for m in lins]))  # fmt: skip
-
-    def fused_context_projection(self) -> Tensor:
-        """(sum of 2 * inner, context_dim): [to_k; to_v] of every cross-attention, in module order."""
-        return cached_cat(self, "context_fused_weight",
-                          [w for a in self._cross_attentions() for w in (a.to_k.weight, a.to_v.weight)])  # fmt: skip
-
-    def _block_emb(self, emb: Tensor) -> Tensor | EmbTable:
-        """What the ResBlocks get: emb (B', 4 mc) itself, or all their projections of it at once (EmbTable)."""
-        if not (self.emb_fused and self._emb_fusable()):
-            return emb
-        weight, bias = self.fused_emb_projection()
-        return EmbTable(F.linear(F.silu(emb), weight, bias))  # (B', sum of widths)
-
-    def _block_context(self, context: Tensor) -> Tensor | ContextKV:
-        """What the transformers get: the context (B, T, D) itself, or with every cross-attention's k, v of it."""
-        if not (self.context_fused and self._context_fusable(context)):
-            return context
-        return ContextKV(context, F.linear(context, self.fused_context_projection()))  # kv: (B, T, sum of 2 * inner)
 
     def _run(self, block: EmbedSequential, *args) -> Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():

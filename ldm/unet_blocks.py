@@ -79,7 +79,7 @@ class ResBlock(nn.Module):
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
-        self.emb_columns: tuple[int, int] | None = None  # this block's columns of an EmbTable (ldm/speed.py)
+        self.emb_columns: tuple[int, int] | None = None  # this block's columns of an EmbTable (ldm/fused_projections.py)
 
     def forward(self, x: Tensor, emb: Tensor | EmbTable) -> Tensor:
         # x: (B, C, H, W); emb: (B', E) with B' >= B (the U-Net pads it, see UNet._forward), or the projections of
