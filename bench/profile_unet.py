@@ -41,6 +41,9 @@ def main() -> int:
     ap.add_argument("--no-fused-emb", action="store_true", help="speed.fused_emb=false (auto: on for CUDA inference)")
     ap.add_argument("--no-fused-context-kv", action="store_true",
                     help="speed.fused_context_kv=false (auto: on for CUDA inference)")
+    ap.add_argument("--plain-cat", action="store_true",
+                    help="the up path's skip concatenations as plain torch.cat (the layout Inductor picks) instead of "
+                         "ldm's channels-last cat_channels")
     add_inductor_flag(ap)
     ap.add_argument("--out", default="profile_unet.txt")
     args = ap.parse_args()
@@ -53,6 +56,10 @@ def main() -> int:
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir = tempfile.mkdtemp(prefix="inductor_")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.plain_cat:
+        import ldm.unet
+
+        ldm.unet.cat_channels = lambda h, skip: torch.cat([h, skip], dim=1)
     cfg = UNetConfig.sd15()
     with torch.device("cuda"):
         unet = UNet(cfg).to(torch.bfloat16).eval()
@@ -102,7 +109,8 @@ def main() -> int:
     total = sum(per_kind.values()) / args.calls / 1e3
     n = n_kernels / args.calls
     lines = [f"# SD1.5 U-Net call, batch {args.batch}, {args.side}x{args.side} latents, bf16, cudnn.benchmark="
-             f"{args.cudnn_benchmark}" + (f", inductor {' '.join(args.inductor)}" if args.inductor else ""),
+             f"{args.cudnn_benchmark}, skip cat {'plain' if args.plain_cat else 'channels-last'}"
+             + (f", inductor {' '.join(args.inductor)}" if args.inductor else ""),
              f"# speed: {applied.describe()}",
              f"kernels per call {n:.0f}; kernel time {total:.2f} ms per call; CUDA-graph replay {replay:.2f} ms "
              f"(median of 30): {replay - total:.2f} ms between kernels, {1e3 * (replay - total) / n:.2f} us per kernel",

@@ -41,7 +41,7 @@ from .attention import check_backend, sdpa_context
 from .conditioning import Cond
 from .fused_projections import FusedProjections
 from .transformer import CrossAttention, SpatialTransformer
-from .unet_blocks import Downsample, ResBlock, Upsample, timestep_embedding, zero_module
+from .unet_blocks import Downsample, ResBlock, Upsample, cat_channels, timestep_embedding, zero_module
 
 
 @dataclass
@@ -458,7 +458,7 @@ class UNet(UNetEncoder):
             skip = hs.pop()
             if control is not None:
                 skip = skip + control.pop()
-            h = torch.cat([h, skip], dim=1)  # (B, C + C_skip, H_i, W_i)
+            h = cat_channels(h, skip)  # (B, C + C_skip, H_i, W_i)
             size = hs[-1].shape[-2:] if hs else None  # where an Upsample must land: the next skip's size
             h = self._run(block, h, emb, context, size)
         return self.out(h)  # (B, out_channels, H, W)
