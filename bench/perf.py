@@ -106,8 +106,11 @@ def unet_case(plan: Plan, table: Table, case: str, name: str, batch: int, hw: in
     batch, hw = plan.batch(batch), plan.hw(hw)
     cfg, ref, ours = unet_pair(plan, name)
     x, t, ctx, kw, vec = unet_inputs(plan, cfg, ref, batch, hw)
+    half = batch // 2  # a CFG batch: the first half's latents and times under both halves' texts
+    cfg_rows = (torch.cat([x[:half]] * 2), torch.cat([t[:half]] * 2))
     with torch.no_grad():
         ref32 = ours(x, t, Cond(context=ctx, vector=vec))  # our eager fp32 output: every variant's reference
+        ref32_cfg = ours(*cfg_rows, Cond(context=ctx)) if any(v.get("cfg_batch") for v in variants.values()) else None
         d32 = ref(x, t, encoder_hidden_states=ctx, **kw).sample
     table.add(case=case, impl="parity", variant="fp32 ours vs diffusers", err=rel_err(ref32, d32))
     del d32
@@ -134,18 +137,23 @@ def unet_case(plan: Plan, table: Table, case: str, name: str, batch: int, hw: in
         for label, spec in variants.items():
             spec = dict(spec)
             graphs_on_top = spec.pop("graphs_on_top", False)
+            # cfg_batch: UNet.forward's one latent under k conditions (x, t of batch / 2 rows, the texts of batch rows:
+            # what guidance passes with speed.shared_latent); the same work as a CFG step, checked against the
+            # fp32 U-Net on the latent twice
+            args = ((xb[:half], t[:half], Cond(context=cb)) if spec.pop("cfg_batch", False) else (xb, t, cond))
+            want = ref32_cfg if len(args[0]) != len(xb) else ref32
             if plan.device == "cpu" and (graphs_on_top or spec.get("cuda_graphs")):
                 continue  # CUDA only
             t0 = time.perf_counter()
             applied = apply_speed(ours, plan.speed(spec))
             if graphs_on_top:  # the same compiled body, wrapped in our CUDA-graph runner: no second compilation
                 ours.forward = CUDAGraphForward(ours.forward)
-            out = ours(xb, t, cond)
+            out = ours(*args)
             sync(plan.device)
             first_s = time.perf_counter() - t0
-            f = lambda: ours(xb, t, cond)  # noqa: E731
+            f = lambda: ours(*args)  # noqa: E731
             ms = median_ms(f, plan, warmup=3 if compiled else None)
-            err = rel_err(out, ref32)
+            err = rel_err(out, want)
             row = dict(case=case, impl="ours", variant=plan.label(label, spec), ms=ms, ratio=ms / d_ms,
                        tflops=flops / ms / 1e9, mfu=flops / ms / 1e9 / plan.peak, err=err, ok=err < plan.tol,
                        speed=applied.describe())  # fmt: skip
@@ -180,13 +188,13 @@ def compile_variants(channels_last_only: bool = False, mode: str = "default") ->
     if channels_last_only or mode != "default":  # one compilation
         return {f"compile {mode} + channels-last": dict(base),
                 f"compile {mode} + channels-last + CUDA graphs": dict(base, graphs_on_top=True)}
-    return {  # (NCHW compiled: 7.04 ms with graphs at batch 2, second session; not timed again)
-        "compile default + channels-last, per-layer emb / context projections": dict(base, fused_emb=False,
-                                                                                     fused_context_kv=False),
-        "compile default + channels-last, per-layer emb / context projections + CUDA graphs": dict(
-            base, fused_emb=False, fused_context_kv=False, graphs_on_top=True),
+    # (NCHW compiled: 7.04 ms with graphs at batch 2, second session; per-layer emb / context projections: 6.56 ms
+    # with graphs, sixth session; not timed again)
+    return {
         "compile default + channels-last": dict(base),
         "compile default + channels-last + CUDA graphs": dict(base, graphs_on_top=True),
+        "compile default + channels-last + CUDA graphs, the CFG batch as one latent under both texts": dict(
+            base, graphs_on_top=True, cfg_batch=True),
     }
 
 

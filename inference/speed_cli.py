@@ -16,6 +16,8 @@ _ON_OFF_FLAGS = (  # speed switches given as auto|on|off: flag, help (the SpeedC
     ("fused-emb", "one matmul for every ResBlock's time-embedding projection (auto: on with CUDA)"),
     ("fused-context-kv", "one matmul for every cross-attention's k, v of the text (auto: on with CUDA; acts with "
                          "--fused-qkv)"),
+    ("shared-latent", "guidance hands the U-Net the latent once with every condition's text, not one copy per "
+                      "condition (auto: on with CUDA)"),
     ("cuda-graphs", "replay the U-Net call from a CUDA graph (auto: on with CUDA)"),
 )
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .conditioning import Cond
 from .schedule import DiscreteSchedule, ScheduleConfig
+from .unet import UNet
 
 PREDICTIONS = ("eps", "v", "x0")
 TIME_INPUTS = ("timestep", "sigma")
@@ -120,4 +121,14 @@ class Denoiser(nn.Module):
         c_skip, c_out, c_in = (_bcast(c, x) for c in scalings(sigma, self.prediction))
         t = self.sigma_to_input(sigma).to(x.device, wide)
         out = self.net((x * c_in).to(x.dtype), t, cond)
+        if out.shape[0] != x.shape[0]:  # one latent under k conditions (UNet.forward): k blocks of B rows
+            k = out.shape[0] // x.shape[0]
+            x, c_skip, c_out = (torch.cat([v] * k) for v in (x, c_skip, c_out))
         return (c_skip * x + c_out * out).to(x.dtype)
+
+    @property
+    def shares_latent(self) -> bool:
+        """Whether guidance should hand the network one latent under k conditions, cond.context with k B rows for
+        x's B (``UNet.forward``; the output has k B rows): a plain U-Net with speed.shared_latent on (ldm/speed.py);
+        wrappers (ldm/conditions/) take one row of x per row of condition."""
+        return isinstance(self.net, UNet) and self.net.share_latent

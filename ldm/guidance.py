@@ -64,13 +64,20 @@ def guide(
     last = len(conds) - 1  # the fully conditioned prediction, the reference for rescale
     need = sorted(set(used) | ({last} if rescale > 0 else set()))
     batched = Cond.cat([conds[k] for k in need]) if conds[need[0]] is not None else None
+    # The batch is one latent under n conditions; a U-Net told so (context alone, n B rows; UNet.forward) runs the
+    # layers before its first cross-attention once instead of on n copies of x.
+    shared = (len(need) > 1 and batched is not None and getattr(denoiser, "shares_latent", False)
+              and all(getattr(batched, f) is None for f in ("vector", "concat", "control", "extra")))  # fmt: skip
 
     def denoise(x: Tensor, sigma: Tensor) -> Tensor:
         # x: (B, C, H, W); sigma: (B,)
         n = len(need)
         if n == 1:
             return denoiser(x, sigma, conds[need[0]])
-        outs = denoiser(torch.cat([x] * n), torch.cat([sigma] * n), batched).chunk(n)  # n x (B, C, H, W)
+        if shared:
+            outs = denoiser(x, sigma, batched).chunk(n)  # n x (B, C, H, W)
+        else:
+            outs = denoiser(torch.cat([x] * n), torch.cat([sigma] * n), batched).chunk(n)
         by_k = dict(zip(need, outs))
         x0 = sum(coef[k] * by_k[k] for k in used)
         if rescale > 0:

@@ -23,6 +23,12 @@ what it was.
     fused_context_kv  one matmul for every cross-attention's keys and values of the text context (16 in SD 1.5),
                       likewise cached (ldm/fused_projections.py, fuse_context_projections); acts where fused_qkv does.
                       auto: on with CUDA, inference.
+    shared_latent     classifier-free guidance hands the U-Net the latent once with the k conditions' contexts
+                      (ldm/guidance.py, UNet.forward), not k copies of it: the layers before the first
+                      cross-attention (conv_in, the first ResBlock and self-attention: ~0.1-0.15 ms of the SD 1.5
+                      CFG step) run on one copy. The same values; on the CPU a batch of one image then runs those
+                      layers on 1 row, which oneDNN rounds differently from 2, so auto keeps it off there (image k
+                      of a batch stays bit for bit the image alone). Inference only. auto: on with CUDA, inference.
     channels_last     convolution weights (and so activations) in NHWC. cuDNN's bf16 convolutions run NHWC natively,
                       but PyTorch's eager CUDA GroupNorm copies NHWC input to NCHW, so eager loses what the
                       convolutions gain; compiled, Inductor writes GroupNorm for either layout. auto: on with CUDA
@@ -85,6 +91,7 @@ class SpeedConfig:
     fused_qkv: Optional[bool] = None  # None: auto (CUDA inference)
     fused_emb: Optional[bool] = None  # None: auto (CUDA inference)
     fused_context_kv: Optional[bool] = None  # None: auto (CUDA inference)
+    shared_latent: Optional[bool] = None  # None: auto (CUDA inference)
     channels_last: Optional[bool] = None  # None: auto (CUDA and compiled)
     compile: str = choice("none", *COMPILE_MODES)
     cuda_graphs: Optional[bool] = None  # None: auto (CUDA inference, unless compile=reduce-overhead)
@@ -123,6 +130,7 @@ class SpeedConfig:
             fused_qkv=_auto(self.fused_qkv, cuda and not training),
             fused_emb=_auto(self.fused_emb, cuda and not training),
             fused_context_kv=_auto(self.fused_context_kv, cuda and not training),
+            shared_latent=_auto(self.shared_latent, cuda and not training),
             channels_last=channels_last,
             compile=self.compile,
             cuda_graphs=_auto(self.cuda_graphs, cuda and not training and self.compile != "reduce-overhead"),
@@ -150,6 +158,7 @@ class ResolvedSpeed:
     nhwc_group_norm: bool = False
     fused_emb: bool = False
     fused_context_kv: bool = False
+    shared_latent: bool = False
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
@@ -186,6 +195,8 @@ def apply_speed(unet: nn.Module, cfg: SpeedConfig | None = None, *, training: bo
             unet.fused_emb_projection()  # built now, eagerly, so a compiled graph only reads the buffers
         if r.fused_context_kv:
             unet.fused_context_projection()
+    if hasattr(unet, "share_latent"):
+        unet.share_latent = r.shared_latent
     if r.low_precision_norms:
         set_low_precision_norms(unet, True)
     if r.nhwc_group_norm:  # after the low-precision switch: it keeps the class it replaces
@@ -223,6 +234,8 @@ def remove_speed(unet: nn.Module) -> None:
     if hasattr(unet, "fuse_emb_projections"):
         unet.fuse_emb_projections(False)
         unet.fuse_context_projections(False)
+    if hasattr(unet, "share_latent"):
+        unet.share_latent = False
     if unet.speed.nhwc_group_norm:  # first: it restores the low-precision class
         set_nhwc_group_norm(unet, False)
     if unet.speed.low_precision_norms:

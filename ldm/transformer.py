@@ -136,6 +136,12 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+def _per_condition(x: Tensor, context: Tensor | ContextKV) -> Tensor:
+    """x (B, ...) repeated to the context's k B rows (one latent under k conditions, UNet.forward); else x."""
+    rows = (context.context if isinstance(context, ContextKV) else context).shape[0]
+    return x if x.shape[0] == rows else torch.cat([x] * (rows // x.shape[0]))
+
+
 class BasicTransformerBlock(nn.Module):
     """Pre-norm block: self-attention, cross-attention on the context, GEGLU feed-forward."""
 
@@ -157,9 +163,11 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        # x: (B, L, C); context: (B, T, D)
+    def forward(self, x: Tensor, context: Tensor | ContextKV) -> Tensor:
+        # x: (B, L, C); context: (B, T, D), or (k B, T, D): k conditions on one latent (UNet.forward), where x
+        # widens to k copies after the self-attention, the last layer that sees the latent alone
         x = self.attn1(self.norm1(x)) + x
+        x = _per_condition(x, context)  # (k B, L, C)
         x = self.attn2(self.norm2(x), context) + x
         x = self.ff(self.norm3(x)) + x
         return x
@@ -196,8 +204,8 @@ class SpatialTransformer(nn.Module):
         self.proj_out = zero_module(nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1))
         self.channels_last = False  # set by ldm/speed.py with channels-last weights: keep NHWC, no copy
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        # x: (B, C, H, W); context: (B, T, D)
+    def forward(self, x: Tensor, context: Tensor | ContextKV) -> Tensor:
+        # x: (B, C, H, W); context: (B, T, D) or (k B, T, D) (BasicTransformerBlock.forward); returns (k B, C, H, W)
         B, _, H, W = x.shape
         h = self.norm(x)
         if not self.use_linear:
@@ -209,8 +217,8 @@ class SpatialTransformer(nn.Module):
             h = block(h, context)
         if self.use_linear:
             h = self.proj_out(h)  # (B, HW, C)
-        h = h.reshape(B, H, W, -1).permute(0, 3, 1, 2)  # (B, C or inner, H, W), a strided view
+        h = h.reshape(h.shape[0], H, W, -1).permute(0, 3, 1, 2)  # (k B, C or inner, H, W), a strided view
         if not self.use_linear:  # (B, C, H, W); contiguous as the original, so the conv stays NCHW (or NHWC)
             h = self.proj_out(h.contiguous(memory_format=torch.channels_last if self.channels_last else
                                            torch.contiguous_format))  # fmt: skip
-        return x + h  # x first: the sum takes x's (NCHW) layout
+        return _per_condition(x, context) + h  # x first: the sum takes x's (NCHW) layout

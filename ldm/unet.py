@@ -384,6 +384,7 @@ class UNet(UNetEncoder):
 
     def __init__(self, cfg: UNetConfig):
         super().__init__(cfg)  # time_embed, label_emb, input_blocks, middle_block
+        self.share_latent = False  # guidance passes one latent for its k conditions (speed.shared_latent, forward)
         mc, n = cfg.model_channels, cfg.num_res_blocks
         ch, skip_chs = self.middle_channels, list(self.skip_channels)
 
@@ -426,7 +427,13 @@ class UNet(UNetEncoder):
         self, x: Tensor, t: Tensor, cond: Cond | None = None, adapter: Sequence[Tensor] | None = None
     ) -> Tensor:
         """``adapter``: T2I-Adapter features (ldm/t2i_adapter.py), 1 to levels + 1 of them, feature k shaped
-        like the output of block ``adapter_slots()[k]`` (see ``block_shapes``)."""
+        like the output of block ``adapter_slots()[k]`` (see ``block_shapes``).
+
+        One latent under several conditions: ``cond.context`` may have k * B rows for x's (and t's) B, k >= 2, with
+        no other condition. The output is then (k B, out_channels, H, W), block j the U-Net of (x, t) under context
+        rows [j B, (j + 1) B): what ``torch.cat([x] * k)`` would give, but the layers before the first
+        cross-attention (conv_in, the first ResBlock, the first self-attention) run once on the B rows. This is
+        classifier-free guidance's batch (ldm/guidance.py)."""
         cond = cond if cond is not None else Cond()
         x, t = self._check_inputs(x, t, cond, adapter)
         with sdpa_context(self.sdpa_kernel):  # once here rather than in each of the attention layers
@@ -434,9 +441,12 @@ class UNet(UNetEncoder):
 
     def _forward(self, x: Tensor, t: Tensor, cond: Cond, adapter: Sequence[Tensor] | None = None) -> Tensor:
         dtype = self.time_embed[0].weight.dtype
+        k = cond.context.shape[0] // x.shape[0]  # conditions sharing the latent (forward's docstring); usually 1
         if cond.concat is not None:
             x = torch.cat([x, cond.concat], dim=1)  # (B, in_channels, H, W)
-        emb = self._embed(t, cond)  # (B', 4 mc), B' = max(B, MIN_EMB_ROWS); ResBlocks take the first B rows
+        # (B', 4 mc), B' = max(k B, MIN_EMB_ROWS); ResBlocks take their first rows: B before the first cross-attention
+        # widens the features to k B, k B after (t repeats, so both are right)
+        emb = self._embed(t.repeat(k) if k > 1 else t, cond)
         emb = self._block_emb(emb)  # or every ResBlock's projection of it at once (fuse_emb_projections)
         context = self._block_context(cond.context.to(dtype))  # (B, T, context_dim), or with every layer's k, v
         control = list(cond.control) if cond.control is not None else None
@@ -450,23 +460,46 @@ class UNet(UNetEncoder):
                 h = h + features[i]
             hs.append(h)
         h = self._run(self.middle_block, h, emb, context)
+        if h.shape[0] != k * x.shape[0]:  # no cross-attention on the way down: the latent's copies start here
+            h = torch.cat([h] * k)
         if len(self.input_blocks) in features:
             h = h + features[len(self.input_blocks)]
         if control is not None:  # ControlNet (Zhang et al. 2023, cldm): residuals on the middle and the skips
             h = h + control.pop()
         for block in self.output_blocks:
             skip = hs.pop()
+            if skip.shape[0] != h.shape[0]:  # taken before the first cross-attention: one copy per condition
+                skip = torch.cat([skip] * k)
             if control is not None:
                 skip = skip + control.pop()
-            h = cat_channels(h, skip)  # (B, C + C_skip, H_i, W_i)
+            h = cat_channels(h, skip)  # (k B, C + C_skip, H_i, W_i)
             size = hs[-1].shape[-2:] if hs else None  # where an Upsample must land: the next skip's size
             h = self._run(block, h, emb, context, size)
-        return self.out(h)  # (B, out_channels, H, W)
+        return self.out(h)  # (k B, out_channels, H, W)
+
+    @staticmethod
+    def _conditions_per_latent(x: Tensor, cond: Cond, adapter: Sequence[Tensor] | None) -> int:
+        """k when cond.context has k * B rows (k >= 2) for x's B (forward's docstring), else 1; with k > 1 every
+        condition but the context is an error that names it (they would need their own rows per condition)."""
+        c = cond.context
+        if not isinstance(c, Tensor) or c.ndim != 3 or x.ndim != 4 or x.shape[0] == 0:
+            return 1
+        B, rows = x.shape[0], c.shape[0]
+        if rows <= B or rows % B:
+            return 1  # the usual case; a mismatch is reported by _check_encoder_inputs
+        others = {"cond.vector": cond.vector, "cond.concat": cond.concat, "cond.control": cond.control,
+                  "cond.extra": cond.extra, "adapter": adapter}  # fmt: skip
+        given = [name for name, v in others.items() if v is not None]
+        if given:
+            raise ValueError(f"cond.context has {rows} rows for x's {B}: one latent under {rows // B} conditions "
+                             f"takes the context alone, not {', '.join(given)} (repeat x instead)")  # fmt: skip
+        return rows // B
 
     def _check_inputs(
         self, x: Tensor, t: Tensor | float, cond: Cond, adapter: Sequence[Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
-        x, t = self._check_encoder_inputs(x, t, cond)
+        k = self._conditions_per_latent(x, cond, adapter)
+        x, t = self._check_encoder_inputs(x, t, replace(cond, context=cond.context[: x.shape[0]]) if k > 1 else cond)
         shapes = self.block_shapes(x.shape[0], x.shape[2], x.shape[3])
         if cond.control is not None:
             if len(cond.control) != len(shapes):
