@@ -8,7 +8,9 @@ apart on the same machine) cannot.
 
 A variant is ``NAME:KEY=VALUE,KEY=VALUE``; keys are SpeedConfig fields (JSON values: true, false, "fa4"),
 ``cat=plain`` (the up path's skip concatenation as plain torch.cat instead of ldm's channels-last one) or
-``inductor.KEY`` (torch._inductor.config, set for that variant's compilation only). Each variant's output is
+``inductor.KEY`` (torch._inductor.config, set for that variant's compilation only) or ``cfg=true`` (the batch as
+classifier-free guidance's one latent under two texts: x, t of batch / 2 rows, the texts of batch rows). The
+inputs are a CFG batch for every variant (the second half's latents and times are the first half's). Each variant's output is
 compared with the first one's (bf16, the same weights and inputs).
 """
 from __future__ import annotations
@@ -37,7 +39,7 @@ def parse_variant(ap: argparse.ArgumentParser, text: str) -> tuple[str, dict, di
     name, sep, rest = text.partition(":")
     if not sep or not name:
         ap.error(f"--variant {text!r}: expected NAME:KEY=VALUE,...")
-    speed, inductor, cat = {}, {}, "nhwc"
+    speed, inductor, cat = {}, {"cfg": False}, "nhwc"
     fields = set(SpeedConfig.__dataclass_fields__)
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -52,7 +54,9 @@ def parse_variant(ap: argparse.ArgumentParser, text: str) -> tuple[str, dict, di
             parsed = json.loads(value)
         except json.JSONDecodeError:
             ap.error(f"--variant {name!r}: {key}'s value must be JSON (true, 3, \"fa4\"), got {value!r}")
-        if key.startswith("inductor."):
+        if key == "cfg":
+            inductor["cfg"] = bool(parsed)
+        elif key.startswith("inductor."):
             inductor[key.removeprefix("inductor.")] = parsed
         elif key in fields:
             speed[key] = parsed
@@ -102,6 +106,8 @@ def main() -> int:
            if args.model == "sdxl" else None)
     cond = Cond(context=torch.randn(args.batch, 77, cfg.context_dim, generator=g, device="cuda", dtype=torch.bfloat16),
                 vector=vec)
+    half = args.batch // 2  # a CFG batch: the first half's latents and times, under both halves' texts
+    x[half:], t[half:] = x[:half], t[:half]
     plain_cat = ldm.unet.cat_channels
     graphs, rows, ref = [], [], None
     for name, speed, inductor, cat in variants:
@@ -109,30 +115,33 @@ def main() -> int:
         applied = apply_speed(unet, SpeedConfig(**{"compile": "default", "channels_last": True, **speed,
                                                    "cuda_graphs": False}))
         ldm.unet.cat_channels = (lambda h, skip: torch.cat([h, skip], dim=1)) if cat == "plain" else plain_cat
+        shared = inductor.pop("cfg")
+        call_args = (x[:half], t[:half], Cond(context=cond.context)) if shared else (x, t, cond)
         old = set_inductor(inductor)
         with torch.no_grad():
             for _ in range(3):
-                out = unet(x, t, cond)
+                out = unet(*call_args)
             graphed = CUDAGraphForward(unet.forward)
             for _ in range(3):
-                out = graphed(x, t, cond)
+                out = graphed(*call_args)
         set_inductor(old)
         ldm.unet.cat_channels = plain_cat
         torch.cuda.synchronize()
         out = out.float().clone()
         ref = out if ref is None else ref
         err = ((out - ref).abs().max() / ref.abs().max()).item()
-        graphs.append(graphed)
-        rows.append({"variant": name, "speed": applied.describe(), "inductor": inductor, "cat": cat, "err_vs_first": err})
+        graphs.append((graphed, call_args))
+        rows.append({"variant": name, "speed": applied.describe(), "inductor": inductor, "cat": cat, "cfg": shared,
+                     "err_vs_first": err})
         print(f"compiled {name!r}: max |out - first| / max |first| = {err:.1e}", flush=True)
     times = [[] for _ in variants]
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.no_grad():
         for _ in range(args.rounds):
-            for i, graphed in enumerate(graphs):
+            for i, (graphed, call_args) in enumerate(graphs):
                 s.record()
                 for _ in range(args.calls):
-                    graphed(x, t, cond)
+                    graphed(*call_args)
                 e.record()
                 e.synchronize()
                 times[i].append(s.elapsed_time(e) / args.calls)

@@ -96,6 +96,33 @@ def median_ms(fn, plan: Plan, warmup: int | None = None, reps: int | None = None
     return statistics.median(times)
 
 
+def back_to_back_ms(fn, plan: Plan, calls: int = 10, rounds: int = 10) -> float:
+    """Median over ``rounds`` of the time per call of ``calls`` calls issued back to back (one pair of CUDA events
+    around them), as a sampling loop issues U-Net steps: the host's work for call n + 1 overlaps the GPU's work for
+    call n. ``median_ms`` times each call alone, so it also counts the host's time before the first kernel
+    (~0.1 ms for a graph replay); where the host is the bottleneck (eager diffusers) the two agree."""
+    for _ in range(3):
+        fn()
+    sync(plan.device)
+    times = []
+    for _ in range(rounds):
+        if plan.device.startswith("cuda"):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(calls):
+                fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / calls)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync(plan.device)
+            times.append(1e3 * (time.perf_counter() - t0) / calls)
+    return statistics.median(times)
+
+
 def count_flops(fn) -> int:
     with FlopCounterMode(display=False) as fc:
         fn()
