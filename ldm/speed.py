@@ -27,9 +27,10 @@ what it was.
                       (ldm/guidance.py, UNet.forward), not k copies of it: the layers before the first
                       cross-attention (conv_in, the first ResBlock and self-attention) run on one copy; the compiled
                       SD 1.5 CFG step 6.06 -> 5.94 ms (BENCHMARKS.md). Only for a plain U-Net and text-only
-                      conditions (SDXL's pooled vector, concat, ControlNet / registered conditions keep the copies). The same values; on the CPU a batch of one image then runs those
-                      layers on 1 row, which oneDNN rounds differently from 2, so auto keeps it off there (image k
-                      of a batch stays bit for bit the image alone). Inference only. auto: on with CUDA, inference.
+                      conditions (SDXL's pooled vector, concat, ControlNet / registered conditions keep the copies).
+                      The same values; on the CPU a batch of one image then runs those layers on 1 row, which oneDNN
+                      rounds differently from 2, so auto keeps it off there (image k of a batch stays bit for bit
+                      the image alone). Inference only. auto: on with CUDA, inference.
     channels_last     convolution weights (and so activations) in NHWC. cuDNN's bf16 convolutions run NHWC natively,
                       but PyTorch's eager CUDA GroupNorm copies NHWC input to NCHW, so eager loses what the
                       convolutions gain; compiled, Inductor writes GroupNorm for either layout. auto: on with CUDA

@@ -448,7 +448,7 @@ class UNet(UNetEncoder):
         # widens the features to k B, k B after (t repeats, so both are right)
         emb = self._embed(t.repeat(k) if k > 1 else t, cond)
         emb = self._block_emb(emb)  # or every ResBlock's projection of it at once (fuse_emb_projections)
-        context = self._block_context(cond.context.to(dtype))  # (B, T, context_dim), or with every layer's k, v
+        context = self._block_context(cond.context.to(dtype))  # (k B, T, context_dim), or with every layer's k, v
         control = list(cond.control) if cond.control is not None else None
         features = dict(zip(self.adapter_slots(), adapter)) if adapter is not None else {}
 

@@ -110,21 +110,21 @@ def test_guidance_with_the_switch_equals_guidance_without(rescale):
 
 def test_guidance_keeps_copies_where_it_must():
     net, x, t, cond = tiny("sd15")
+    assert not denoiser_on(net).shares_latent  # the switch is off unless apply_speed (or the user) turns it on
     net.share_latent = True
     seen = rows_seen(net)
-    concat_net = tiny("sd15")[0]
-    with torch.no_grad():  # a condition with rows of its own (concat): copies of x, one per condition
-        wrapped = denoiser_on(lambda x_, t_, c: net(x_, t_, Cond(context=c.context)))  # a wrapper: not a U-Net
+    sigma = torch.tensor([1.0, 2.0])
+    with torch.no_grad():  # a wrapper around the U-Net (as ldm/conditions/ builds): one row of x per condition row
+        wrapped = denoiser_on(lambda x_, t_, c: net(x_, t_, Cond(context=c.context)))
         assert not wrapped.shares_latent
-        guide(wrapped, [Cond(context=cond.context), cond], [3.0])(x, torch.tensor([1.0, 2.0]))
+        guide(wrapped, [Cond(context=cond.context), cond], [3.0])(x, sigma)
     assert seen["conv_in"] == 4
-    assert not denoiser_on(concat_net).shares_latent  # the switch is off unless apply_speed turns it on
-    c = Cond(context=cond.context, concat=torch.zeros(2, 1, 16, 16))
-    calls = []
+    calls = []  # a condition with rows of its own (concat): copies of x, one per condition, even with the switch on
     spy = denoiser_on(net)
-    spy.forward = lambda x_, s, c_: calls.append(x_.shape[0]) or torch.cat([x_] * (c_.context.shape[0] // x_.shape[0]))
-    guide(spy, [c, c], [3.0])(x, torch.tensor([1.0, 2.0]))
-    assert calls == [4]
+    spy.forward = lambda x_, s, c_: calls.append(x_.shape[0]) or x_
+    c = Cond(context=cond.context, concat=torch.zeros(2, 1, 16, 16))
+    guide(spy, [c, c], [3.0])(x, sigma)
+    assert spy.shares_latent and calls == [4]
 
 
 def test_switch_auto_rules_cli_and_training_config():
