@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .condition_cli import add_condition_arguments, condition_kwargs
 from .convert import DTYPES, FAMILIES, PREDICTIONS
+from .convert import _choice as _check_choice  # one check of a flag's value for every CLI
 from .default_model import default_model_path
 from .metadata import GenerationParams, read_png_params
 from .speed_cli import ATTENTION_KERNELS, COMPILE_MODES, add_speed_arguments, speed_config  # noqa: F401 (re-exported)
@@ -242,11 +243,6 @@ def _read_prompt_file(path: Path) -> list[str]:
     if not prompts:
         raise ValueError(f"--prompt-file {path}: no prompts (only blank lines)")
     return prompts
-
-
-def _check_choice(flag: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{flag}: unknown value {value!r}; one of: {', '.join(allowed)}")
 
 
 def _takes_eta() -> tuple[str, ...]:
