@@ -31,6 +31,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.conv_shapes import conv_shapes  # noqa: E402
+from bench.conv_shapes import timed as conv_shapes_timed  # noqa: E402
 
 
 class Plan(NamedTuple):
@@ -146,28 +147,10 @@ def _kernel():
 
 
 def timed(fn, iters: int, reps: int = 24) -> float:
-    """Median ms per call of ``fn(i)`` for i = 0..reps-1, captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(3):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(reps):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    out = []
-    for _ in range(iters):
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e) / reps)
-    return sorted(out)[len(out) // 2]
+    """Median ms per call of ``fn(i)``, i cycling through 0..reps-1, ``reps`` calls captured in one CUDA graph
+    (conv_shapes.timed with an index, so that the calls can cycle through weight copies)."""
+    counter = itertools.count()
+    return conv_shapes_timed(lambda: fn(next(counter) % reps), iters, reps)
 
 
 TILES = ((64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (64, 256, 8), (256, 64, 8))  # block_m, block_n, warps
