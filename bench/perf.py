@@ -8,6 +8,7 @@ Cases (``--only``):
 
     unet_b2          SD1.5 U-Net, batch 2 (one CFG step), 64x64 latent, eager; ours per speed switch
     unet_b2_compile  the same under torch.compile (default mode) for both; ours also with CUDA graphs, channels-last
+                     (+ diffusers' eager kernels alone, replayed from one CUDA graph: is its eager row host-bound?)
     unet_b16         SD1.5 U-Net, batch 16, eager (MFU)
     sdxl_b2          SDXL U-Net, batch 2, 128x128
     vae              VAE decode to 512x512, batch 1
@@ -52,8 +53,8 @@ from ldm.unet import UNet, UNetConfig  # noqa: E402
 from ldm.unet_keys import diffusers_to_ours  # noqa: E402
 
 from bench.inductor_flags import add_inductor_flag, apply_inductor_flags  # noqa: E402
-from bench.perf_measure import (Plan, Table, back_to_back_ms, count_flops, free, median_ms, randomize_,  # noqa: E402
-                                rel_err, sync)
+from bench.perf_measure import (Plan, Table, back_to_back_ms, count_flops, free, graph_replay, median_ms,  # noqa: E402
+                                randomize_, rel_err, sync)
 from bench.perf_report import markdown, summary  # noqa: E402
 from bench.perf_train import TRAIN_COMPILE, TRAIN_EAGER, train_case  # noqa: E402
 
@@ -126,6 +127,17 @@ def unet_case(plan: Plan, table: Table, case: str, name: str, batch: int, hw: in
         table.add(case=case, impl="diffusers", variant="eager", ms=d_ms, ms_b2b=d_b2b, flops=flops,
                   tflops=flops / d_ms / 1e9, mfu=flops / d_ms / 1e9 / plan.peak, err=rel_err(f_ref(), ref32))  # fmt: skip
         dc_ms = None
+        if compiled and plan.device.startswith("cuda"):  # is diffusers' eager row host-bound on this machine?
+            label = "eager, its kernels alone (one CUDA graph: no host launch time)"
+            try:
+                replay = graph_replay(f_ref)
+            except RuntimeError as e:  # a capture failure: say so, go on
+                table.add(case=case, impl="diffusers", variant=label, error=f"{type(e).__name__}: {str(e)[:200]}")
+            else:
+                g_ms = median_ms(replay, plan)
+                table.add(case=case, impl="diffusers", variant=label, ms=g_ms, ms_b2b=back_to_back_ms(replay, plan),
+                          ratio=g_ms / d_ms, tflops=flops / g_ms / 1e9, mfu=flops / g_ms / 1e9 / plan.peak)
+                del replay
         if compiled:
             cref = torch.compile(ref)
             t0 = time.perf_counter()

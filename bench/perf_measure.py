@@ -96,6 +96,22 @@ def median_ms(fn, plan: Plan, warmup: int | None = None, reps: int | None = None
     return statistics.median(times)
 
 
+def graph_replay(fn):
+    """``fn`` (CUDA work, no host reads) captured once in a CUDA graph; returns the graph's ``replay``: the same
+    kernels without the host's launch work. Times an eager network's kernels alone, the bound its eager time
+    approaches on a host fast enough to keep the GPU busy."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: lazy inits, cuDNN / cuBLAS plans
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def back_to_back_ms(fn, plan: Plan, calls: int = 10, rounds: int = 10) -> float:
     """Median over ``rounds`` of the time per call of ``calls`` calls issued back to back (one pair of CUDA events
     around them), as a sampling loop issues U-Net steps: the host's work for call n + 1 overlaps the GPU's work for
