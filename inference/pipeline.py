@@ -48,6 +48,7 @@ import text_encoder  # noqa: F401  registers the text component
 from ldm.bundle import Bundle, load_bundle
 from ldm.generate import generators
 from ldm.conditions import guided_branches
+from ldm.controlnet import ControlNet
 from ldm.guidance import cfg, guide
 from ldm.img2img import blend_known, inpaint_denoiser, noised, strength_sigmas
 from ldm.model_config import PUBLISHED_MODEL_CHANNELS
@@ -121,7 +122,17 @@ class Pipeline:
         self.bundle = bundle.eval()
         self.name = name
         self.model_hash = model_hash
+        self.speed_config = speed
         self.speed = apply_speed(self.bundle.unet, speed)
+        self._speed_controls()
+
+    def _speed_controls(self) -> None:
+        """The same speed switches on every ControlNet among the model's conditions that has none yet (one attached
+        after the pipeline was built, inference/conditions.py attach_controlnet, included): ldm/speed.py."""
+        for c in self.bundle.conditions or ():
+            net = getattr(c, "net", None)
+            if isinstance(net, ControlNet) and getattr(net, "speed", None) is None:
+                apply_speed(net, self.speed_config)
 
     @classmethod
     def load(cls, path, *, device="cpu", dtype="fp32", family=None, prediction=None, config_overrides=(),
@@ -284,6 +295,7 @@ class Pipeline:
         if req.seeds is None:
             first = random.SystemRandom().randrange(2**32)
             req.seeds = [first + k for k in range(len(req.prompts))]
+        self._speed_controls()
         denoiser = self.bundle.denoiser(quantize=_quantize(req.sampler))
         sigmas = make_sigmas(denoiser.schedule, req.sampler)  # (steps + 1,) float64
         if req.mode != "txt2img":

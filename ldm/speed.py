@@ -3,6 +3,11 @@
     apply_speed(pipe.bundle.unet, SpeedConfig())                      # the defaults: the fastest correct ones
     apply_speed(unet, SpeedConfig(compile="default", channels_last=True), training=True)
 
+A ControlNet (ldm/controlnet.py) takes the same switches but the U-Net-only fused_emb, fused_context_kv and
+shared_latent; inference/pipeline.py applies the pipeline's SpeedConfig to every ControlNet of the model. The SD 1.5
+ControlNet's call in the CFG step: 11.0 ms eager, 5.34 ms with the defaults (CUDA graphs, fused q/k/v), 2.89 ms
+compiled; diffusers' ControlNetModel 13.3 ms (bench/controlnet_speed.py, BENCHMARKS.md).
+
 Each switch is a runtime transformation: parameter names, shapes and the state dict stay as they are, so
 checkpoints load and save the same. ``None`` (``auto``) means "on where it was measured to help" (BENCHMARKS.md,
 "Performance"): on CUDA, off on the CPU, where every default is a no-op and the eager path stays bit for bit
@@ -69,7 +74,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -167,7 +172,9 @@ class ResolvedSpeed:
 
 
 def apply_speed(unet: nn.Module, cfg: SpeedConfig | None = None, *, training: bool = False) -> ResolvedSpeed:
-    """Apply ``cfg`` (default: SpeedConfig()) to a UNet (ldm/unet.py) in place, on the device it is on now.
+    """Apply ``cfg`` (default: SpeedConfig()) to a UNet (ldm/unet.py) or a ControlNet (ldm/controlnet.py) in place,
+    on the device it is on now. A ControlNet gets every switch but the U-Net-only ones (fused_emb, fused_context_kv,
+    shared_latent: its forward reads none of them); its CUDA graphs replay (x, hint, t, cond, scale).
 
     Call it after the weights are loaded and the network is moved. Calling it again first undoes the previous
     switches (``remove_speed``). Returns what was applied (also kept as ``unet.speed``)."""
@@ -178,6 +185,8 @@ def apply_speed(unet: nn.Module, cfg: SpeedConfig | None = None, *, training: bo
     first = next(unet.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     r = cfg.resolve(device, training)
+    if not _is_unet(unet):  # a ControlNet: its forward reads none of the U-Net-only switches, so they are off
+        r = replace(r, fused_emb=False, fused_context_kv=False, shared_latent=False)
     if r.attention_kernel is not None and hasattr(unet, "set_attention_backend"):
         backend = next((m.backend for m in unet.modules() if isinstance(m, CrossAttention)), "sdpa")
         unet.set_attention_backend(backend, r.attention_kernel)
@@ -213,9 +222,21 @@ def apply_speed(unet: nn.Module, cfg: SpeedConfig | None = None, *, training: bo
         # (what CUDA graphs replay anyway), never a symbolic-shape recompile of a second shape
         unet._forward = torch.compile(unet._forward, mode=mode, dynamic=False)
     if r.cuda_graphs:
-        unet.forward = CUDAGraphForward(unet.forward)
+        unet.forward = CUDAGraphForward(unet.forward, inputs=_controlnet_inputs if _is_controlnet(unet) else _unet_inputs)
     unet.speed = r
     return r
+
+
+def _is_unet(net: nn.Module) -> bool:
+    from .unet import UNet  # noqa: PLC0415
+
+    return isinstance(net, UNet)
+
+
+def _is_controlnet(net: nn.Module) -> bool:
+    from .controlnet import ControlNet  # noqa: PLC0415
+
+    return isinstance(net, ControlNet)
 
 
 def remove_speed(unet: nn.Module) -> None:
@@ -256,9 +277,22 @@ def remove_speed(unet: nn.Module) -> None:
 
 
 def _flatten(args: tuple) -> tuple[list[Tensor], Any]:
-    """Tensors of (x, t, cond) in a fixed order, and a hashable description of where they go."""
-    x, t, cond = args
-    tensors, spec = [x, t], []
+    """The tensors of a call's positional arguments in a fixed order (tensors, and a Cond's tensor fields), and a
+    hashable description of where they go; other arguments (None, numbers) are constants of the description."""
+    tensors, spec = [], []
+    for a in args:
+        if isinstance(a, Tensor):
+            tensors.append(a)
+            spec.append("t")
+        elif isinstance(a, Cond):
+            spec.append(("cond", _flatten_cond(a, tensors)))
+        else:
+            spec.append(("const", a))
+    return tensors, tuple(spec)
+
+
+def _flatten_cond(cond: Cond, tensors: list[Tensor]) -> tuple:
+    spec = []
     for f in fields(Cond):
         v = getattr(cond, f.name)
         if v is None:
@@ -273,11 +307,23 @@ def _flatten(args: tuple) -> tuple[list[Tensor], Any]:
         else:
             tensors += list(v)
             spec.append((f.name, ("l", len(v))))
-    return tensors, tuple(spec)
+    return tuple(spec)
 
 
 def _unflatten(tensors: list[Tensor], spec) -> tuple:
-    x, t, rest = tensors[0], tensors[1], list(tensors[2:])
+    rest = list(tensors)
+    args = []
+    for item in spec:
+        if item == "t":
+            args.append(rest.pop(0))
+        elif item[0] == "cond":
+            args.append(_unflatten_cond(rest, item[1]))
+        else:
+            args.append(item[1])
+    return tuple(args)
+
+
+def _unflatten_cond(rest: list[Tensor], spec) -> Cond:
     kw = {}
     for name, kind in spec:
         if kind is None:
@@ -288,21 +334,46 @@ def _unflatten(tensors: list[Tensor], spec) -> tuple:
             kw[name] = {k: rest.pop(0) for k in kind[1]}
         else:
             kw[name] = tuple(rest.pop(0) for _ in range(kind[1]))
-    return x, t, Cond(**kw)
+    return Cond(**kw)
+
+
+def _times(t, x: Tensor) -> Tensor:
+    t = torch.as_tensor(t, device=x.device)
+    return t.expand(x.shape[0]) if t.ndim == 0 else t  # (B,)
+
+
+def _unet_inputs(x: Tensor, t, cond: Cond | None = None, adapter=None) -> tuple | None:
+    """UNet.forward's arguments as the graph takes them, (x, t (B,), cond); None (run eagerly) with T2I-Adapter
+    features."""
+    if adapter is not None:
+        return None
+    return x, _times(t, x), cond if cond is not None else Cond()
+
+
+def _controlnet_inputs(x: Tensor, hint: Tensor, t, cond: Cond | None = None, scale: float = 1.0) -> tuple:
+    """ControlNet.forward's arguments as the graph takes them, (x, hint, t (B,), cond, scale); ``scale`` is part of
+    the signature (a new value captures another graph)."""
+    return x, hint, _times(t, x), cond if cond is not None else Cond(), float(scale)
+
+
+def _clone(out):
+    return out.clone() if isinstance(out, Tensor) else type(out)(o.clone() for o in out)
 
 
 class CUDAGraphForward:
-    """``fn(x, t, cond)`` replayed from a CUDA graph captured once per input signature (shapes, dtypes, strides,
-    which condition fields are set). Falls back to ``fn`` with gradients on, off CUDA, with T2I-Adapter features,
-    or, after a warning, for good if a capture fails (e.g. code that reads a value on the host).
+    """``fn(x, t, cond)`` (a U-Net's forward; with ``inputs=_controlnet_inputs`` a ControlNet's, ``fn(x, hint, t,
+    cond, scale)``) replayed from a CUDA graph captured once per input signature (shapes, dtypes, strides, which
+    condition fields are set, the constants). Falls back to ``fn`` with gradients on, off CUDA, with T2I-Adapter
+    features, or, after a warning, for good if a capture fails (e.g. code that reads a value on the host).
 
     The graph reads the parameters where they are: in-place weight changes (load_state_dict, merge_lora) are seen.
     What the host decided at capture is not: replaced parameter tensors, modules added or swapped (inject_lora,
     load_lora), Python-side settings (set_lora_scale, set_attention_backend); call ``reset()`` (or ``apply_speed``
     again) after those."""
 
-    def __init__(self, fn: Callable, max_graphs: int = 4):
+    def __init__(self, fn: Callable, max_graphs: int = 4, inputs: Callable = _unet_inputs):
         self.fn = fn
+        self.inputs = inputs  # (*args, **kwargs) -> fn's positional arguments with tensor times, or None: eager
         self.max_graphs = max_graphs
         self.graphs: OrderedDict = OrderedDict()  # signature -> (static inputs, graph, static output)
         self.failed: str | None = None
@@ -310,21 +381,18 @@ class CUDAGraphForward:
     def reset(self) -> None:
         self.graphs.clear()
 
-    def __call__(self, x: Tensor, t, cond: Cond | None = None, adapter=None) -> Tensor:
-        if (self.failed or adapter is not None or not x.is_cuda or torch.is_grad_enabled()
+    def __call__(self, *args, **kwargs):
+        call = self.inputs(*args, **kwargs)  # fn's positional arguments, normalised; None: run eagerly
+        if (call is None or self.failed or not call[0].is_cuda or torch.is_grad_enabled()
                 or torch.cuda.is_current_stream_capturing()):  # fmt: skip
-            return self.fn(x, t, cond, adapter)
-        cond = cond if cond is not None else Cond()
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        tensors, spec = _flatten((x, t, cond))
+            return self.fn(*args, **kwargs)
+        tensors, spec = _flatten(call)
         key = (spec, tuple((tuple(a.shape), a.dtype, a.stride(), a.device) for a in tensors))
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._capture(tensors, spec)
             if entry is None:
-                return self.fn(x, t, cond)
+                return self.fn(*call)
             self.graphs[key] = entry
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
@@ -334,7 +402,7 @@ class CUDAGraphForward:
         for s, a in zip(static_in, tensors):
             s.copy_(a)
         graph.replay()
-        return static_out.clone()  # the next replay overwrites static_out
+        return _clone(static_out)  # the next replay overwrites static_out
 
     def _capture(self, tensors: list[Tensor], spec):
         static_in = [a.clone() for a in tensors]
