@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from ldm.bundle import Bundle
@@ -89,3 +90,24 @@ def test_pipeline_gives_its_switches_to_controlnets_attached_before_and_after():
     edges.speed = None  # as a ControlNet attached after the pipeline was built
     pipe._speed_controls()
     assert edges.speed is not None and edges.speed.fused_qkv
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_pipeline_with_a_controlnet_gives_the_latents_of_the_switches_off():
+    """On CUDA, a pipeline with the default switches (the U-Net and the ControlNet replayed from CUDA graphs, fused
+    q/k/v, the fastest attention chain) gives the latents of one with them off, to fp32 rounding, and the
+    ControlNet's graph is the one that ran."""
+    from inference.pipeline import Pipeline
+
+    b = Bundle(_model([ConditionSpec(type="controlnet", name="edges")])).eval()
+    _randomize(b, seed=3)  # every parameter, the zero convolutions too: the control acts
+    b = b.to("cuda")
+    fast = Pipeline(b)
+    slow = Pipeline(copy.deepcopy(b), speed=SpeedConfig(attention_kernel="auto", fused_qkv=False, fused_emb=False,
+                                                        fused_context_kv=False, shared_latent=False, cuda_graphs=False))
+    f = b.config.vae.downsample_factor
+    img = torch.rand(1, 3, 8 * f, 8 * f, generator=torch.Generator().manual_seed(5))  # an image tensor in [0, 1]
+    kw = dict(steps=4, sampler="euler", cfg_scale=3.0, seed=0, width=8 * f, height=8 * f, conditions={"edges": img})
+    got, want = fast("a", **kw).latents, slow("a", **kw).latents
+    assert rel(got, want) < 1e-4  # fp32; the fused projections sum in another order
+    assert b.conditions["edges"].net.forward.graphs and b.unet.forward.graphs  # captured and replayed
