@@ -183,6 +183,39 @@ def test_t2i_adapter_condition_equals_the_adapter_network():
     torch.testing.assert_close(b.network()(x, t, Cond(context=ctx, extra=extra)), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_t2i_adapter_features_are_computed_once_per_hint():
+    """The adapter's features depend on the hint alone: without gradients a sampling run's steps (the same hint
+    tensor each time) reuse them, bit for bit what a fresh computation gives; a new hint, an in-place change of it,
+    an in-place weight change, or gradients compute them again."""
+    specs = [ConditionSpec(type="t2i_adapter", name="sketch", args={"hint_channels": 1})]
+    cfg = _model(specs)
+    b = Bundle(cfg)
+    _randomize(b)
+    x, t, ctx, img = _inputs(cfg)
+    extra = b.conditions.prepare({"sketch": img}, Env((H, W)), B)
+    c = b.conditions["sketch"]
+    calls = []
+    c.net.register_forward_hook(lambda *a: calls.append(1))
+    net = b.network()
+    cond = Cond(context=ctx, extra=extra)
+    with torch.no_grad():
+        first = net(x, t, cond)
+        for _ in range(3):  # later steps: other latents and times, the same hint
+            assert torch.equal(net(x * 0.5, t + 1, cond), net(x * 0.5, t + 1, Cond(context=ctx, extra=dict(extra))))
+        assert len(calls) == 1
+        fresh = b.conditions.prepare({"sketch": img}, Env((H, W)), B)  # a new hint tensor with the same values
+        assert torch.equal(net(x, t, Cond(context=ctx, extra=fresh)), first) and len(calls) == 2
+        fresh["sketch"].mul_(0.5)  # changed in place
+        changed = net(x, t, Cond(context=ctx, extra=fresh))
+        assert len(calls) == 3 and not torch.equal(changed, first)
+        next(c.net.parameters()).mul_(2.0)  # a weight changed in place
+        net(x, t, Cond(context=ctx, extra=fresh))
+        assert len(calls) == 4
+    net(x, t, Cond(context=ctx, extra=fresh))
+    net(x, t, Cond(context=ctx, extra=fresh))
+    assert len(calls) == 6  # with gradients: every call
+
+
 def test_wrong_control_image_size_names_the_condition():
     cfg = _model([ConditionSpec(type="controlnet", name="edges")])
     b = Bundle(cfg)

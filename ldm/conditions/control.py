@@ -121,9 +121,26 @@ class AdapterCondition(Condition):
                                                channels=tuple(u.model_channels * m for m in u.channel_mult),
                                                num_res_blocks=self.args.num_res_blocks,
                                                downscale_factor=self.factor))  # fmt: skip
+        self._kept: tuple | None = None  # (the hint, what was computed from it: key, features); see control()
 
     def prepare(self, value, env: Env) -> Tensor:
         return hint_tensor(value, self.spec.where, self.args.hint_channels, env, self.factor)
 
     def control(self, x: Tensor, t: Tensor, cond, hint: Tensor) -> tuple[Tensor, ...]:
-        return self.net(hint.to(x.dtype), latent_size=tuple(x.shape[-2:]))
+        """The adapter's features of ``hint``. They depend on the hint alone, not on the step, so without gradients
+        they are computed once and reused while the same hint tensor comes back unchanged (a sampling run hands the
+        same one to every step; diffusers' adapter pipelines compute the features once before their loop). The key
+        is the tensor itself (held, so it cannot be freed and its memory reused), its in-place version, the dtype
+        and size asked for, and the adapter's parameters' storage and in-place versions (.to(), load_state_dict)."""
+        size = tuple(x.shape[-2:])
+        if torch.is_grad_enabled():
+            self._kept = None
+            return self.net(hint.to(x.dtype), latent_size=size)
+        if hint.is_inference():  # no version counter to tell an in-place change: compute every time
+            return self.net(hint.to(x.dtype), latent_size=size)
+        key = (hint._version, x.dtype, size, tuple((p.data_ptr(), p._version) for p in self.net.parameters()))
+        if self._kept is not None and self._kept[0] is hint and self._kept[1] == key:
+            return self._kept[2]
+        features = self.net(hint.to(x.dtype), latent_size=size)
+        self._kept = (hint, key, features)
+        return features
