@@ -133,10 +133,8 @@ class AdapterCondition(Condition):
         is the tensor itself (held, so it cannot be freed and its memory reused), its in-place version, the dtype
         and size asked for, and the adapter's parameters' storage and in-place versions (.to(), load_state_dict)."""
         size = tuple(x.shape[-2:])
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or hint.is_inference():  # an inference tensor has no version counter to watch
             self._kept = None
-            return self.net(hint.to(x.dtype), latent_size=size)
-        if hint.is_inference():  # no version counter to tell an in-place change: compute every time
             return self.net(hint.to(x.dtype), latent_size=size)
         key = (hint._version, x.dtype, size, tuple((p.data_ptr(), p._version) for p in self.net.parameters()))
         if self._kept is not None and self._kept[0] is hint and self._kept[1] == key:
