@@ -23,7 +23,8 @@ from torch import Tensor
 
 from ldm.bundle import Bundle
 from ldm.conditions import Env
-from ldm.controlnet import control_active
+from ldm.controlnet import ControlNet, control_active
+from ldm.speed import SpeedConfig, apply_speed
 
 from .images import image_size, image_to_tensor, open_image
 
@@ -138,6 +139,15 @@ def set_control_windows(denoiser, req, sigmas: Tensor) -> None:
         ts = denoiser.sigma_to_input(sigmas[active].to(torch.float64).clamp_min(1e-12))
         windows[c.spec.name] = (float(ts.min()), float(ts.max()))
     net.set_windows(windows)
+
+
+def speed_controls(bundle: Bundle, speed: SpeedConfig | None) -> None:
+    """``speed`` (ldm/speed.py) on every ControlNet among the model's conditions that has no speed switches yet: the
+    pipeline's own, at its creation and at each call, so one attached later (``attach_controlnet``) gets them too."""
+    for c in bundle.conditions or ():
+        net = getattr(c, "net", None)
+        if isinstance(net, ControlNet) and getattr(net, "speed", None) is None:
+            apply_speed(net, speed)
 
 
 def attach_controlnet(bundle: Bundle, path, name: str = "control", *, hint_channels: int = 3, weight: float = 1.0,

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence, TypeVar
 
-MAX_SEED = 2**64  # torch.Generator.manual_seed takes [0, 2**64)
+from .call_args import MAX_SEED
+
 RANDOM_SEEDS = 2**32  # a random seed is drawn from [0, 2**32), as the web UIs do
 _NUMBERED = re.compile(r"^(\d{5,})-.*\.png$")
 

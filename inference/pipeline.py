@@ -33,7 +33,6 @@ Keyword arguments of ``__call__`` are those of ``request`` (which ``check`` runs
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,7 +47,6 @@ import text_encoder  # noqa: F401  registers the text component
 from ldm.bundle import Bundle, load_bundle
 from ldm.generate import generators
 from ldm.conditions import guided_branches
-from ldm.controlnet import ControlNet
 from ldm.guidance import cfg, guide
 from ldm.img2img import blend_known, inpaint_denoiser, noised, strength_sigmas
 from ldm.model_config import PUBLISHED_MODEL_CHANNELS
@@ -59,15 +57,15 @@ from ldm.schedule import SIGMA_SPACINGS
 from ldm.speed import SpeedConfig, apply_speed
 
 from .conditioning import PromptEncoder, vector_kind
-from .conditions import check_condition_args, condition_extra, set_control_windows
+from .conditions import check_condition_args, condition_extra, set_control_windows, speed_controls
 from .images import (image_size, image_to_tensor, latent_mask, mask_to_tensor, open_image, pixels_to_pil,
                      to_pixels)  # fmt: skip
+from .call_args import check_int, check_number, per_prompt, seed_list, str_list
 from .metadata import GenerationParams, model_hash
 
 INPAINT_MODES = ("auto", "blend", "unet")
 PUBLISHED_SIZES = {"sd1": 512, "sd2": 768, "sdxl": 1024}  # sd2: the 768-v model; sd2 eps (base) is 512
 TEST_LATENT_SIZE = 8  # default latent side of other (test-sized) models
-MAX_SEED = 2**64
 
 
 @dataclass
@@ -124,15 +122,7 @@ class Pipeline:
         self.model_hash = model_hash
         self.speed_config = speed
         self.speed = apply_speed(self.bundle.unet, speed)
-        self._speed_controls()
-
-    def _speed_controls(self) -> None:
-        """The same speed switches on every ControlNet among the model's conditions that has none yet (one attached
-        after the pipeline was built, inference/conditions.py attach_controlnet, included): ldm/speed.py."""
-        for c in self.bundle.conditions or ():
-            net = getattr(c, "net", None)
-            if isinstance(net, ControlNet) and getattr(net, "speed", None) is None:
-                apply_speed(net, self.speed_config)
+        speed_controls(self.bundle, speed)  # and the model's ControlNets
 
     @classmethod
     def load(cls, path, *, device="cpu", dtype="fp32", family=None, prediction=None, config_overrides=(),
@@ -197,32 +187,32 @@ class Pipeline:
                 teleport: float = 0.0, teleport_stats=None) -> Request:  # fmt: skip
         """The checked, resolved form of a call's arguments."""
         cfg = self.bundle.config
-        prompts = _strings("prompt", prompt)
+        prompts = str_list("prompt", prompt)
         if not prompts:
             raise ValueError("prompt: give at least one prompt (\"\" for the empty prompt)")
-        negatives = [negative] * len(prompts) if isinstance(negative, str) else _strings("negative", negative)
+        negatives = [negative] * len(prompts) if isinstance(negative, str) else str_list("negative", negative)
         if len(negatives) != len(prompts):
             raise ValueError(f"negative: a str or one per prompt ({len(prompts)}), got {len(negatives)}")
-        _int("n", n, 1)
+        check_int("n", n, 1)
         total = len(prompts) * n
         if batch_size is not None:
-            _int("batch_size", batch_size, 1)
-        _int("steps", steps, 1)
+            check_int("batch_size", batch_size, 1)
+        check_int("steps", steps, 1)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: unknown {sampler!r}; allowed: {', '.join(sorted(SAMPLERS))}")
         if schedule not in SIGMA_SPACINGS:
             raise ValueError(f"schedule: unknown {schedule!r}; allowed: {', '.join(SIGMA_SPACINGS)}")
-        _number("cfg_scale", cfg_scale, 0.0)
-        _number("guidance_rescale", guidance_rescale, 0.0, 1.0)
+        check_number("cfg_scale", cfg_scale, 0.0)
+        check_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
         if eta is not None:
             if sampler not in TAKES_ETA:
                 raise ValueError(f"eta: sampler {sampler!r} has no eta; samplers with eta: {', '.join(TAKES_ETA)}")
-            _number("eta", eta, 0.0)
-        seeds = _seeds(seed, total)
+            check_number("eta", eta, 0.0)
+        seeds = seed_list(seed, total)
         if clip_skip is not None:
-            _int("clip_skip", clip_skip, 1, cfg.text[0].layers)
+            check_int("clip_skip", clip_skip, 1, cfg.text[0].layers)
         if tile is not None:
-            _int("tile", tile, 1)
+            check_int("tile", tile, 1)
         if inpaint not in INPAINT_MODES:
             raise ValueError(f"inpaint: unknown {inpaint!r}; allowed: {', '.join(INPAINT_MODES)}")
         latent_ch, in_ch = cfg.vae.latent_channels, self.base_in_channels
@@ -234,8 +224,8 @@ class Pipeline:
                              f"mask, masked image); this one has {in_ch}. Use inpaint='blend'")  # fmt: skip
         vector_kind(self.bundle)
 
-        inits = _per_prompt("init_image", init_image, len(prompts))
-        masks = _per_prompt("mask", mask, len(prompts))
+        inits = per_prompt("init_image", init_image, len(prompts))
+        masks = per_prompt("mask", mask, len(prompts))
         if masks is not None and inits is None:
             raise ValueError("mask: inpainting needs init_image too (the image whose masked region is redrawn)")
         inits = None if inits is None else [open_image(im, "init_image") for im in inits]
@@ -258,7 +248,7 @@ class Pipeline:
         mask_t = None if masks is None else [mask_to_tensor(m) for m in masks]
         mode = "txt2img" if init_t is None else ("img2img" if mask_t is None else "inpaint")
 
-        _number("strength", strength, 0.0, 1.0)
+        check_number("strength", strength, 0.0, 1.0)
         if mode != "txt2img" and int(steps * strength) < 1:
             raise ValueError(f"strength: {strength} with steps={steps} rounds to zero denoising steps "
                              f"(int(steps * strength) = 0); raise strength or steps")  # fmt: skip
@@ -295,7 +285,7 @@ class Pipeline:
         if req.seeds is None:
             first = random.SystemRandom().randrange(2**32)
             req.seeds = [first + k for k in range(len(req.prompts))]
-        self._speed_controls()
+        speed_controls(self.bundle, self.speed_config)  # one attached since (attach_controlnet)
         denoiser = self.bundle.denoiser(quantize=_quantize(req.sampler))
         sigmas = make_sigmas(denoiser.schedule, req.sampler)  # (steps + 1,) float64
         if req.mode != "txt2img":
@@ -457,54 +447,3 @@ def _load_teleport_stats(sc: SamplerConfig):
 def _quantize(sc: SamplerConfig) -> bool:
     """diffusers' multistep schedulers (DPM-Solver, UniPC) feed the network rounded timesteps."""
     return (sc.convention or DEFAULT_CONVENTION.get(sc.name, "euler")) == "multistep"
-
-
-def _strings(name: str, value) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ValueError(f"{name}: must be a str or a sequence of str, got {type(value).__name__}")
-
-
-def _int(name: str, value, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}: must be an integer {allowed}, got {value!r}")
-
-
-def _number(name: str, value, low: float, high: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}: must be a number {allowed}, got {value!r}")
-
-
-def _seeds(seed, total: int) -> list[int] | None:
-    """None (random, drawn at run time), an int s (s, s + 1, ...) or one int per image."""
-    if seed is None:
-        return None
-    if isinstance(seed, int) and not isinstance(seed, bool):
-        if not 0 <= seed <= MAX_SEED - total:
-            raise ValueError(f"seed: must be in [0, 2**64 - {total}] so that all {total} image seeds fit, got {seed}")
-        return [seed + k for k in range(total)]
-    if isinstance(seed, Sequence) and not isinstance(seed, str):
-        seeds = list(seed)
-        if len(seeds) != total:
-            raise ValueError(f"seed: a list needs one seed per image ({total} = prompts x n), got {len(seeds)}")
-        for s in seeds:
-            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < MAX_SEED:
-                raise ValueError(f"seed: every seed must be an integer in [0, 2**64), got {s!r}")
-        return seeds
-    raise ValueError(f"seed: must be None, an int or a list of ints, got {type(seed).__name__}")
-
-
-def _per_prompt(name: str, value, n_prompts: int) -> list | None:
-    """None, one item for every prompt, or a list/tuple with one item per prompt."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        if len(value) != n_prompts:
-            raise ValueError(f"{name}: a list needs one item per prompt ({n_prompts}), got {len(value)}")
-        return list(value)
-    return [value] * n_prompts

@@ -81,6 +81,7 @@ def test_graph_runner_takes_a_controlnet_call_and_falls_back_off_cuda():
 def test_pipeline_gives_its_switches_to_controlnets_attached_before_and_after():
     """Pipeline(bundle, speed) applies ``speed`` to the U-Net and to each ControlNet condition's network, and to
     one added to the bundle after the pipeline was built, at the next generation."""
+    from inference.conditions import speed_controls
     from inference.pipeline import Pipeline
 
     b = Bundle(_model([ConditionSpec(type="controlnet", name="edges")])).eval()
@@ -88,7 +89,7 @@ def test_pipeline_gives_its_switches_to_controlnets_attached_before_and_after():
     edges = b.conditions["edges"].net
     assert edges.speed is not None and edges.speed.fused_qkv and b.unet.speed.fused_qkv
     edges.speed = None  # as a ControlNet attached after the pipeline was built
-    pipe._speed_controls()
+    speed_controls(b, pipe.speed_config)  # what each pipe(...) call does first
     assert edges.speed is not None and edges.speed.fused_qkv
 
 
