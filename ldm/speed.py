@@ -4,7 +4,7 @@
     apply_speed(unet, SpeedConfig(compile="default", channels_last=True), training=True)
 
 A ControlNet (ldm/controlnet.py) takes the same switches but the U-Net-only fused_emb, fused_context_kv and
-shared_latent; inference/pipeline.py applies the pipeline's SpeedConfig to every ControlNet of the model. The SD 1.5
+shared_latent; the pipeline (inference/conditions.py speed_controls) applies its's SpeedConfig to every ControlNet of the model. The SD 1.5
 ControlNet's call in the CFG step: 11.0 ms eager, 5.34 ms with the defaults (CUDA graphs, fused q/k/v), 2.89 ms
 compiled; diffusers' ControlNetModel 13.3 ms (bench/controlnet_speed.py, BENCHMARKS.md).
 
