@@ -4,8 +4,8 @@
     apply_speed(unet, SpeedConfig(compile="default", channels_last=True), training=True)
 
 A ControlNet (ldm/controlnet.py) takes the same switches but the U-Net-only fused_emb, fused_context_kv and
-shared_latent; the pipeline (inference/conditions.py speed_controls) applies its's SpeedConfig to every ControlNet of the model. The SD 1.5
-ControlNet's call in the CFG step: 11.0 ms eager, 5.34 ms with the defaults (CUDA graphs, fused q/k/v), 2.89 ms
+shared_latent; the pipeline applies its SpeedConfig to every ControlNet of the model (inference/conditions.py
+speed_controls). The SD 1.5 ControlNet's call in the CFG step: 11.0 ms eager, 5.34 ms with the defaults (CUDA graphs, fused q/k/v), 2.89 ms
 compiled; diffusers' ControlNetModel 13.3 ms (bench/controlnet_speed.py, BENCHMARKS.md).
 
 Each switch is a runtime transformation: parameter names, shapes and the state dict stay as they are, so
