@@ -5,8 +5,8 @@
 
 A ControlNet (ldm/controlnet.py) takes the same switches but the U-Net-only fused_emb, fused_context_kv and
 shared_latent; the pipeline applies its SpeedConfig to every ControlNet of the model (inference/conditions.py
-speed_controls). The SD 1.5 ControlNet's call in the CFG step: 11.0 ms eager, 5.34 ms with the defaults (CUDA graphs, fused q/k/v), 2.89 ms
-compiled; diffusers' ControlNetModel 13.3 ms (bench/controlnet_speed.py, BENCHMARKS.md).
+speed_controls). The SD 1.5 ControlNet's call in the CFG step: 11.0 ms eager, 5.34 ms with the defaults (CUDA
+graphs, fused q/k/v), 2.89 ms compiled; diffusers' ControlNetModel 13.3 ms (bench/controlnet_speed.py, BENCHMARKS.md).
 
 Each switch is a runtime transformation: parameter names, shapes and the state dict stay as they are, so
 checkpoints load and save the same. ``None`` (``auto``) means "on where it was measured to help" (BENCHMARKS.md,
