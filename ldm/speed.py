@@ -222,7 +222,8 @@ def apply_speed(unet: nn.Module, cfg: SpeedConfig | None = None, *, training: bo
         # (what CUDA graphs replay anyway), never a symbolic-shape recompile of a second shape
         unet._forward = torch.compile(unet._forward, mode=mode, dynamic=False)
     if r.cuda_graphs:
-        unet.forward = CUDAGraphForward(unet.forward, inputs=_controlnet_inputs if _is_controlnet(unet) else _unet_inputs)
+        inputs = _controlnet_inputs if _is_controlnet(unet) else _unet_inputs  # the call's signature
+        unet.forward = CUDAGraphForward(unet.forward, inputs=inputs)
     unet.speed = r
     return r
 
