@@ -8,7 +8,8 @@ apart on the same machine) cannot.
 
 A variant is ``NAME:KEY=VALUE,KEY=VALUE``; keys are SpeedConfig fields (JSON values: true, false, "fa4"),
 ``cat=plain`` (the up path's skip concatenation as plain torch.cat instead of ldm's channels-last one) or
-``inductor.KEY`` (torch._inductor.config, set for that variant's compilation only) or ``cfg=true`` (the batch as
+``inductor.KEY`` (torch._inductor.config, set for that variant's compilation only) or ``ldm.MODULE.NAME`` (a
+constant of an ldm module, e.g. ``ldm.norm_nhwc.CHUNK_ROWS=128``, likewise set while the variant compiles) or ``cfg=true`` (the batch as
 classifier-free guidance's one latent under two texts: x, t of batch / 2 rows, the texts of batch rows). The
 inputs are a CFG batch for every variant (the second half's latents and times are the first half's). Each variant's output is
 compared with the first one's (bf16, the same weights and inputs).
@@ -56,23 +57,28 @@ def parse_variant(ap: argparse.ArgumentParser, text: str) -> tuple[str, dict, di
             ap.error(f"--variant {name!r}: {key}'s value must be JSON (true, 3, \"fa4\"), got {value!r}")
         if key == "cfg":
             inductor["cfg"] = bool(parsed)
-        elif key.startswith("inductor."):
+        elif key.startswith(("inductor.", "ldm.")):
             inductor[key.removeprefix("inductor.")] = parsed
         elif key in fields:
             speed[key] = parsed
         else:
-            ap.error(f"--variant {name!r}: {key!r} is neither a SpeedConfig field, cat, nor inductor.KEY")
+            ap.error(f"--variant {name!r}: {key!r} is neither a SpeedConfig field, cat, inductor.KEY nor ldm.MODULE.NAME")
     return name, speed, inductor, cat
 
 
 def set_inductor(values: dict) -> dict:
-    """Set torch._inductor.config keys (dotted for sub-configs); returns the old values."""
+    """Set torch._inductor.config keys (dotted for sub-configs) and ``ldm.MODULE.NAME`` constants; returns the old
+    values."""
+    import importlib
+
     import torch._inductor.config as cfg
 
     old = {}
     for key, value in values.items():
         obj, _, leaf = key.rpartition(".")
         target = cfg
+        if key.startswith("ldm."):
+            target, obj = importlib.import_module(obj), ""
         for part in filter(None, obj.split(".")):
             target = getattr(target, part)
         old[key] = getattr(target, leaf)

@@ -38,6 +38,8 @@ def main() -> int:
     ap.add_argument("--code", default="",
                     help="also copy Inductor's generated module(s) for the U-Net here (the Triton kernels' source)")
     ap.add_argument("--nhwc-group-norm", action="store_true", help="speed.nhwc_group_norm=true (auto: off)")
+    ap.add_argument("--triton-group-norm", action="store_true",
+                    help="speed.triton_group_norm=true (ldm/group_norm_triton.py)")
     ap.add_argument("--no-fused-emb", action="store_true", help="speed.fused_emb=false (auto: on for CUDA inference)")
     ap.add_argument("--no-fused-context-kv", action="store_true",
                     help="speed.fused_context_kv=false (auto: on for CUDA inference)")
@@ -65,6 +67,7 @@ def main() -> int:
         unet = UNet(cfg).to(torch.bfloat16).eval()
     speed = SpeedConfig(compile="default", channels_last=True, cuda_graphs=False, attention_kernel=args.attention_kernel,
                         nhwc_group_norm=True if args.nhwc_group_norm else None,
+                        triton_group_norm=True if args.triton_group_norm else None,
                         fused_emb=False if args.no_fused_emb else None,
                         fused_context_kv=False if args.no_fused_context_kv else None)
     applied = apply_speed(unet, speed)

@@ -11,7 +11,9 @@ COMPILE_MODES = ("none", "default", "max-autotune", "max-autotune-no-cudagraphs"
 ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math", "fastest", "fa4")
 
 _ON_OFF_FLAGS = (  # speed switches given as auto|on|off: flag, help (the SpeedConfig field is the flag in snake case)
-    ("channels-last", "NHWC convolutions (auto: on when compiled)"),
+    ("channels-last", "NHWC convolutions (auto: on with CUDA when compiled or with --triton-group-norm)"),
+    ("triton-group-norm", "GroupNorm + SiLU of NHWC activations as two Triton kernels (auto: on with CUDA when not "
+                          "compiled)"),
     ("fused-qkv", "one matmul for q, k, v (auto: on with CUDA)"),
     ("fused-emb", "one matmul for every ResBlock's time-embedding projection (auto: on with CUDA)"),
     ("fused-context-kv", "one matmul for every cross-attention's k, v of the text (auto: on with CUDA; acts with "

@@ -38,8 +38,8 @@ what it was.
                       the image alone). Inference only. auto: on with CUDA, inference.
     channels_last     convolution weights (and so activations) in NHWC. cuDNN's bf16 convolutions run NHWC natively,
                       but PyTorch's eager CUDA GroupNorm copies NHWC input to NCHW, so eager loses what the
-                      convolutions gain; compiled, Inductor writes GroupNorm for either layout. auto: on with CUDA
-                      when compiled.
+                      convolutions gain unless triton_group_norm takes the norms; compiled, Inductor writes GroupNorm
+                      for either layout. auto: on with CUDA when compiled or with triton_group_norm.
     compile           none | default | max-autotune | max-autotune-no-cudagraphs | reduce-overhead: torch.compile of
                       the U-Net's body (``_forward``; input checks and the SDPA kernel context stay eager, so the
                       trace sees the pinned kernel). ~50 s of compilation for SD 1.5: off by default.
@@ -69,6 +69,13 @@ what it was.
                       4-D channels-last inputs. Measured on the compiled CFG step: Inductor splits the per-channel
                       reduction into two kernels, the second on 5 blocks, and the step got 0.05 ms slower
                       (BENCHMARKS.md); training unmeasured. auto: off.
+    triton_group_norm GroupNorm + the SiLU after it as two Triton kernels over NHWC activations (ldm/group_norm_triton.py:
+                      per-chunk statistics, then combine, normalise, SiLU in one pass; fp32 math, deterministic).
+                      Eager, PyTorch's GroupNorm copied NHWC to NCHW and back (50-150 us per 64x64-level norm,
+                      5-9 us here), so with it channels_last pays off without compiling: the SD 1.5 CFG step in
+                      the default path (CUDA graphs, no compile) 11.36 -> 7.04 ms (BENCHMARKS.md, ninth session).
+                      Compiled, Inductor's fused norms were faster in the step (5.89 vs 6.57 ms): auto off there.
+                      Inference only (no gradients). auto: on with CUDA for inference when not compiled.
 """
 from __future__ import annotations
 
@@ -85,6 +92,7 @@ from .attention_fa4 import require_fa4
 from .config import check_choices, choice
 from .conditioning import Cond
 from .conv_grad import set_channels_last_grads
+from .group_norm_triton import TRITON, set_triton_group_norm
 from .norm_nhwc import set_nhwc_group_norm
 from .norms import set_low_precision_norms
 
@@ -106,6 +114,7 @@ class SpeedConfig:
     triton_geglu: Optional[bool] = None  # None: auto (CUDA); acts only with gradients
     channels_last_grads: Optional[bool] = None  # None: auto (CUDA, compiled channels-last training)
     nhwc_group_norm: Optional[bool] = None  # None: auto (off)
+    triton_group_norm: Optional[bool] = None  # None: auto (CUDA inference, not compiled)
 
     def __post_init__(self) -> None:
         check_choices(self, "speed")
@@ -131,7 +140,10 @@ class SpeedConfig:
             kernel = None  # keep the configured one
         if kernel == "fa4":
             require_fa4()  # the error names the missing package
-        channels_last = _auto(self.channels_last, cuda and compiled)
+        # the Triton GroupNorm: on for eager CUDA inference, where PyTorch's GroupNorm copies NHWC input to NCHW;
+        # compiled, Inductor's own fused norms measured faster in the step (BENCHMARKS.md, ninth session)
+        triton_gn = _auto(self.triton_group_norm, cuda and not training and not compiled and TRITON)
+        channels_last = _auto(self.channels_last, cuda and (compiled or triton_gn))
         return ResolvedSpeed(
             attention_kernel=kernel,
             fused_qkv=_auto(self.fused_qkv, cuda and not training),
@@ -145,6 +157,7 @@ class SpeedConfig:
             triton_geglu=_auto(self.triton_geglu, cuda),
             channels_last_grads=_auto(self.channels_last_grads, cuda and training and channels_last and compiled),
             nhwc_group_norm=_auto(self.nhwc_group_norm, False),  # measured slower at inference; training unmeasured
+            triton_group_norm=triton_gn,
         )
 
 
@@ -166,6 +179,7 @@ class ResolvedSpeed:
     fused_emb: bool = False
     fused_context_kv: bool = False
     shared_latent: bool = False
+    triton_group_norm: bool = False
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
@@ -210,6 +224,8 @@ def apply_speed(unet: nn.Module, cfg: SpeedConfig | None = None, *, training: bo
         unet.share_latent = r.shared_latent
     if r.low_precision_norms:
         set_low_precision_norms(unet, True)
+    if r.triton_group_norm:  # after the low-precision switch: it keeps the class it replaces; before the NHWC one
+        set_triton_group_norm(unet, True)
     if r.nhwc_group_norm:  # after the low-precision switch: it keeps the class it replaces
         set_nhwc_group_norm(unet, True)
     if r.channels_last_grads:
@@ -260,7 +276,9 @@ def remove_speed(unet: nn.Module) -> None:
         unet.fuse_context_projections(False)
     if hasattr(unet, "share_latent"):
         unet.share_latent = False
-    if unet.speed.nhwc_group_norm:  # first: it restores the low-precision class
+    if unet.speed.triton_group_norm:  # first: it restores the low-precision class
+        set_triton_group_norm(unet, False)
+    if unet.speed.nhwc_group_norm:  # likewise
         set_nhwc_group_norm(unet, False)
     if unet.speed.low_precision_norms:
         set_low_precision_norms(unet, False)

@@ -14,6 +14,7 @@ import torch
 from inference import generate_cli
 from ldm.conditioning import Cond
 from ldm.config import ConfigError
+from ldm.group_norm_triton import TRITON
 from ldm.speed import (ATTENTION_KERNELS, COMPILE_MODES, CUDAGraphForward, SpeedConfig, _flatten, _unflatten,
                        apply_speed, remove_speed)  # fmt: skip
 from ldm.transformer import CrossAttention
@@ -119,10 +120,15 @@ def test_device_and_training_errors_name_the_key():
         SpeedConfig(cuda_graphs=True).resolve("cpu")
     with pytest.raises(ValueError, match=r"speed\.cuda_graphs: CUDA graphs are for inference"):
         SpeedConfig(cuda_graphs=True).resolve("cuda", training=True)
-    r = SpeedConfig().resolve("cuda")  # what a CUDA pipeline gets by default
-    assert (r.attention_kernel, r.fused_qkv, r.cuda_graphs, r.channels_last) == ("fastest", True, True, False)
+    r = SpeedConfig().resolve("cuda")  # what a CUDA pipeline gets by default: NHWC with the Triton GroupNorm
+    assert (r.attention_kernel, r.fused_qkv, r.cuda_graphs) == ("fastest", True, True)
+    assert r.channels_last == r.triton_group_norm == TRITON
+    assert not SpeedConfig(triton_group_norm=False).resolve("cuda").channels_last  # eager NHWC needs the norms
+    r = SpeedConfig(compile="default").resolve("cuda")  # compiled: Inductor's own norms, NHWC
+    assert (r.channels_last, r.triton_group_norm) == (True, False)
     r = SpeedConfig(compile="default").resolve("cuda", training=True)
-    assert (r.fused_qkv, r.cuda_graphs, r.channels_last) == (False, False, True)
+    assert (r.fused_qkv, r.cuda_graphs, r.channels_last, r.triton_group_norm) == (False, False, True, False)
+    assert not SpeedConfig().resolve("cuda", training=True).channels_last
 
 
 def test_pipeline_load_checks_the_speed_switches_before_loading(monkeypatch):
