@@ -18,29 +18,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.conv_shapes import timed  # noqa: E402 (a CUDA graph of 20 calls, replayed; median ms per call)
 from ldm.group_norm_triton import group_norm_nhwc  # noqa: E402
 
 SHAPES = [(320, 64), (640, 64), (960, 64), (640, 32), (1280, 32), (1920, 32), (1280, 16), (2560, 16), (1280, 8),
           (2560, 8)]  # (channels, side) of the norms in one SD 1.5 call  # fmt: skip
-
-
-def timed(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(20):
-            fn()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 20)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> int:

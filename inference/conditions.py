@@ -107,11 +107,15 @@ def _value(c, v, where: str, size_wh: tuple[int, int]) -> Any:
     return torch.tensor([list(map(float, nums))])
 
 
-def condition_extra(bundle: Bundle, req, per_prompt: list[int], latent_hw: tuple[int, int], device) -> dict[str, Tensor]:
+def condition_extra(
+    bundle: Bundle, req, per_prompt: list[int], latent_hw: tuple[int, int], device
+) -> dict[str, Tensor]:
     """``Cond.extra`` for the rows whose prompts are ``per_prompt``."""
     stack, values = bundle.conditions, req.conditions or {}
-    rows = {name: [vals[p] for p in per_prompt] if stack[name].value == "raw" else torch.cat([vals[p] for p in per_prompt])
-            for name, vals in values.items()}  # fmt: skip
+    rows = {}
+    for name, vals in values.items():
+        picked = [vals[p] for p in per_prompt]
+        rows[name] = picked if stack[name].value == "raw" else torch.cat(picked)
     env = Env(latent_hw=latent_hw, device=device, vae=bundle.vae)
     return stack.prepare(rows, env, len(per_prompt))
 

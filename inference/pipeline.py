@@ -50,7 +50,7 @@ from ldm.conditions import guided_branches
 from ldm.guidance import cfg, guide
 from ldm.img2img import blend_known, inpaint_denoiser, noised, strength_sigmas
 from ldm.model_config import PUBLISHED_MODEL_CHANNELS
-from ldm.samplers import SAMPLERS, Step, get_sampler, per_sample_noise, randn_per_sample
+from ldm.samplers import SAMPLERS, Step, per_sample_noise, randn_per_sample
 from ldm.samplers.config import DEFAULT_CONVENTION, TAKES_ETA, SamplerConfig, make_sigmas, sampler_options
 from ldm.samplers.config import configured_sampler  # teleport (ldm/samplers/teleport.py)
 from ldm.schedule import SIGMA_SPACINGS

@@ -17,6 +17,11 @@ in fp32, as PyTorch's CUDA kernel (which also forms a and b). The biased varianc
 not depend on how the rows are tiled by the apply kernel, and no atomics are used: the same input gives the same
 bits on every run.
 
+Measured (bench/group_norm_kernel.py, bench/ab_unet.py; BENCHMARKS.md, ninth session): 5-37 us per SD 1.5 norm where
+PyTorch's eager one takes 12-152 us, so the default (uncompiled) CFG step went from 11.36 to 7.04 ms with NHWC
+convolutions. Compiled, Inductor's own norms are faster at 64x64 and fuse their neighbours: 5.89 vs 6.57 ms, so
+speed.triton_group_norm is off there by auto.
+
 ``TritonGroupNorm`` replaces nn.GroupNorm / LowPrecisionGroupNorm in place (``set_triton_group_norm``; parameter
 names and the state dict do not change) and takes over the SiLU that follows it in an ``nn.Sequential``
 (ResBlock's in_layers / out_layers, the U-Net's ``out``): that SiLU becomes an nn.Identity until the switch is
@@ -42,10 +47,10 @@ MAX_GROUP_CHANNELS = 4096  # wider groups take the plain path
 
 
 def _plan(channels: int, groups: int, rows: int) -> tuple[int, int, int, int, int]:
-    """A tile is whole groups of contiguous channels, ~128 lanes wide (SD's 10-80 channels per group are not powers
-    of two: spare lanes are masked). Returns (K groups per tile, KP: K's next power of two, CP: the channels per
-    group's, LANES: the K groups' channels', CHUNK: rows per chunk and per apply tile, so that the statistics'
-    (CHUNK, KP, CP) tile has at most 8192 elements)."""
+    """A tile is K whole groups of contiguous channels, ~128 lanes wide (SD's 10-80 channels per group are not
+    powers of two: spare lanes are masked). Returns (K, KP, CP, LANES, CHUNK): KP, CP and LANES are the next powers
+    of two of K, of the channels per group and of the K groups' channels; CHUNK is the rows per chunk and per apply
+    tile, so that the statistics' (CHUNK, KP, CP) tile has at most 8192 elements."""
     cpg = channels // groups
     k = max(1, min(groups, _LANES // cpg))
     kp, cp, lanes = 1 << (k - 1).bit_length(), 1 << (cpg - 1).bit_length(), 1 << (k * cpg - 1).bit_length()
@@ -201,9 +206,10 @@ class TritonGroupNorm(nn.GroupNorm):
 def runs_kernel(x: Tensor, weight: Tensor | None) -> bool:
     """Whether ``TritonGroupNorm`` takes the kernels for this input: CUDA, 4-D channels-last, fp16 / bf16 / fp32,
     no gradient wanted, Triton importable, not under autocast (whose GroupNorm rule is its own)."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
     return (x.is_cuda and TRITON and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and not torch.is_autocast_enabled("cuda")
-            and not (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))))  # fmt: skip
+            and not grad)  # fmt: skip
 
 
 def _fusable_sequentials(module: nn.Module) -> set[int]:

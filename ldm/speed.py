@@ -69,8 +69,9 @@ what it was.
                       4-D channels-last inputs. Measured on the compiled CFG step: Inductor splits the per-channel
                       reduction into two kernels, the second on 5 blocks, and the step got 0.05 ms slower
                       (BENCHMARKS.md); training unmeasured. auto: off.
-    triton_group_norm GroupNorm + the SiLU after it as two Triton kernels over NHWC activations (ldm/group_norm_triton.py:
-                      per-chunk statistics, then combine, normalise, SiLU in one pass; fp32 math, deterministic).
+    triton_group_norm GroupNorm + the SiLU after it as two Triton kernels over NHWC activations
+                      (ldm/group_norm_triton.py: per-chunk statistics, then combine, normalise, SiLU in one pass;
+                      fp32 math, deterministic).
                       Eager, PyTorch's GroupNorm copied NHWC to NCHW and back (50-150 us per 64x64-level norm,
                       5-9 us here), so with it channels_last pays off without compiling: the SD 1.5 CFG step in
                       the default path (CUDA graphs, no compile) 11.36 -> 7.04 ms (BENCHMARKS.md, ninth session).
