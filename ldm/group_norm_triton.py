@@ -9,7 +9,7 @@ memory already is, a tile of whole groups wide (``_plan``):
 
     stats  (B, S chunks of CHUNK rows, group tiles):  per chunk and group, mean_k and M2_k = sum (x - mean_k)^2 of its
            CHUNK x C/G elements, from one load (exact two-pass in registers)                     -> (B, S, G) each
-    apply  (B, row tiles, group tiles):  each program combines its groups' S chunks (Chan et al. 1979, the parallel
+    apply  (row tiles, B, group tiles):  each program combines its groups' S chunks (Chan et al. 1979, the parallel
            variance: mean = sum n_k mean_k / N, M2 = sum M2_k + sum n_k (mean_k - mean)^2), then
            y = x * a + b with a = rstd * weight, b = bias - mean * a, optionally silu(y), in x's dtype, NHWC
 
@@ -92,7 +92,7 @@ def group_norm_nhwc(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
     meta = dict(CPG=cpg, K=k, KP=kp, CHUNK=chunk, num_warps=warps)
     wrap_triton(_stats_kernel())[(b * s, tiles)](x, mean, m2, hw, c, g, s, CP=cp, **meta)
     has_w, has_b = weight is not None, bias is not None
-    wrap_triton(_apply_kernel())[(b, s, tiles)](
+    wrap_triton(_apply_kernel())[(s, b, tiles)](  # row tiles first: the grid's x may exceed 65535
         x, mean, m2, weight if has_w else x, bias if has_b else x, y, hw, c, g, s, eps,
         HAS_W=has_w, HAS_B=has_b, SILU=silu, BLOCK_S=_BLOCK_S, LANES=lanes, **meta)
     return y
@@ -132,7 +132,7 @@ def _stats_kernel():
 
 @functools.cache
 def _apply_kernel():
-    """Per (batch, tile of CHUNK rows, tile of K groups): combine the groups' chunks, normalise, affine, SiLU."""
+    """Per (tile of CHUNK rows, batch, tile of K groups): combine the groups' chunks, normalise, affine, SiLU."""
     import triton
     import triton.language as tl
 
@@ -141,7 +141,7 @@ def _apply_kernel():
                                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK_S: tl.constexpr,
                                 CPG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, LANES: tl.constexpr,
                                 CHUNK: tl.constexpr):  # fmt: skip
-        bi = tl.program_id(0)
+        bi = tl.program_id(1)
         g0 = tl.program_id(2) * K
         grp = g0 + tl.arange(0, KP)  # (KP,)
         g_ok = (tl.arange(0, KP) < K) & (grp < G)
@@ -176,7 +176,7 @@ def _apply_kernel():
         shift = -tl.sum(tl.where(sel, mean[:, None], 0.0), axis=0) * a
         if HAS_B:
             shift += tl.load(b_ptr + ch, mask=lane_ok, other=0.0).to(tl.float32)
-        rows = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+        rows = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
         mask = (rows < HW)[:, None] & lane_ok[None, :]
         offs = (bi * HW + rows).to(tl.int64)[:, None] * C + ch[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # (CHUNK, LANES)
