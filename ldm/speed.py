@@ -108,7 +108,7 @@ class SpeedConfig:
     fused_emb: Optional[bool] = None  # None: auto (CUDA inference)
     fused_context_kv: Optional[bool] = None  # None: auto (CUDA inference)
     shared_latent: Optional[bool] = None  # None: auto (CUDA inference)
-    channels_last: Optional[bool] = None  # None: auto (CUDA and compiled)
+    channels_last: Optional[bool] = None  # None: auto (CUDA, compiled or with triton_group_norm)
     compile: str = choice("none", *COMPILE_MODES)
     cuda_graphs: Optional[bool] = None  # None: auto (CUDA inference, unless compile=reduce-overhead)
     low_precision_norms: Optional[bool] = None  # None: auto (CUDA); acts only under autocast
