@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ldm.unet  # noqa: E402
+from bench.inductor_flags import set_config  # noqa: E402
 from bench.perf_measure import randomize_  # noqa: E402
 from ldm.conditioning import Cond  # noqa: E402
 from ldm.speed import CUDAGraphForward, SpeedConfig, apply_speed  # noqa: E402
@@ -66,26 +67,6 @@ def parse_variant(ap: argparse.ArgumentParser, text: str) -> tuple[str, dict, di
     return name, speed, inductor, cat
 
 
-def set_inductor(values: dict) -> dict:
-    """Set torch._inductor.config keys (dotted for sub-configs) and ``ldm.MODULE.NAME`` constants; returns the old
-    values."""
-    import importlib
-
-    import torch._inductor.config as cfg
-
-    old = {}
-    for key, value in values.items():
-        obj, _, leaf = key.rpartition(".")
-        target = cfg
-        if key.startswith("ldm."):
-            target, obj = importlib.import_module(obj), ""
-        for part in filter(None, obj.split(".")):
-            target = getattr(target, part)
-        old[key] = getattr(target, leaf)
-        setattr(target, leaf, value)
-    return old
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... (repeatable; the first is the "
@@ -123,14 +104,14 @@ def main() -> int:
         ldm.unet.cat_channels = (lambda h, skip: torch.cat([h, skip], dim=1)) if cat == "plain" else plain_cat
         shared = inductor.pop("cfg")
         call_args = (x[:half], t[:half], Cond(context=cond.context)) if shared else (x, t, cond)
-        old = set_inductor(inductor)
+        old = set_config(inductor)
         with torch.no_grad():
             for _ in range(3):
                 out = unet(*call_args)
             graphed = CUDAGraphForward(unet.forward)
             for _ in range(3):
                 out = graphed(*call_args)
-        set_inductor(old)
+        set_config(old)
         ldm.unet.cat_channels = plain_cat
         torch.cuda.synchronize()
         out = out.float().clone()

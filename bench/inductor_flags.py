@@ -1,5 +1,6 @@
 """``--inductor KEY=VALUE``: set torch._inductor.config.KEY (a JSON value; dotted keys such as
-``triton.multi_kernel`` reach the sub-configs) for every compilation of a bench run."""
+``triton.multi_kernel`` reach the sub-configs) for every compilation of a bench run; ``set_config`` sets such keys
+(and ``ldm.MODULE.NAME`` constants) for a while and returns the old values (bench/ab_unet.py's variants)."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,26 @@ def apply_inductor_flags(ap: argparse.ArgumentParser, items: list[str]) -> None:
         if not hasattr(inductor_config, key):
             ap.error(f"--inductor: torch._inductor.config has no {key!r}")
         try:
-            setattr(inductor_config, key, json.loads(value))
+            set_config({key: json.loads(value)})
         except json.JSONDecodeError:
             ap.error(f"--inductor {kv!r}: the value must be JSON (true, 3, \"name\"), got {value!r}")
+
+
+def set_config(values: dict) -> dict:
+    """Set torch._inductor.config keys (dotted for sub-configs) and ``ldm.MODULE.NAME`` constants; returns the old
+    values, which the same call restores."""
+    import importlib
+
+    import torch._inductor.config as cfg
+
+    old = {}
+    for key, value in values.items():
+        obj, _, leaf = key.rpartition(".")
+        target = cfg
+        if key.startswith("ldm."):
+            target, obj = importlib.import_module(obj), ""
+        for part in filter(None, obj.split(".")):
+            target = getattr(target, part)
+        old[key] = getattr(target, leaf)
+        setattr(target, leaf, value)
+    return old
