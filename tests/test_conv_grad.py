@@ -160,13 +160,3 @@ def test_speed_switch():
     torch.testing.assert_close(unet(x, t, cond), before, rtol=0, atol=0)
     remove_speed(unet)
     assert sum(type(m) is nn.Conv2d for m in unet.modules()) == n_conv
-
-
-def test_training_config_key():
-    from ldm.config import ConfigError
-    from training.config import load_train_config
-
-    assert load_train_config(None, ["speed.channels_last_grads=true"]).speed.channels_last_grads is True
-    assert load_train_config(None, []).speed.channels_last_grads is None  # auto
-    with pytest.raises((ConfigError, ValueError), match=r"speed\.channels_last_grads"):
-        load_train_config(None, ["speed.channels_last_grads=maybe"])

@@ -145,13 +145,3 @@ def test_speed_switch_on_the_unet():
     _close(unet(x, t, cond), before)
     remove_speed(unet)
     assert sum(type(m) is nn.GroupNorm for m in unet.modules()) == n_gn
-
-
-def test_training_config_key():
-    from ldm.config import ConfigError
-    from training.config import load_train_config
-
-    assert load_train_config(None, ["speed.nhwc_group_norm=false"]).speed.nhwc_group_norm is False
-    assert load_train_config(None, []).speed.nhwc_group_norm is None  # auto
-    with pytest.raises((ConfigError, ValueError), match=r"speed\.nhwc_group_norm"):
-        load_train_config(None, ["speed.nhwc_group_norm=maybe"])

@@ -7,6 +7,7 @@ them on the GPU against the eager fp32 output in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 import torch
@@ -147,12 +148,27 @@ def test_train_config_speed_section():
     assert load_train_config(None, ["speed.compile=default"]).speed.compile == "default"
     with pytest.raises(ConfigError, match=r"speed\.compile"):
         load_train_config(None, ["speed.compile=fastest"])
-    with pytest.raises((ConfigError, ValueError), match=r"speed\.cuda_graphs"):
-        load_train_config(None, ["speed.cuda_graphs=true"])
-    for key in ("fused_emb", "fused_context_kv"):  # inference only, like fused_qkv
+
+
+INFERENCE_ONLY = {"cuda_graphs", "fused_qkv", "fused_emb", "fused_context_kv", "shared_latent", "triton_group_norm"}
+SWITCHES = [f.name for f in dataclasses.fields(SpeedConfig) if f.type == "Optional[bool]"]
+
+
+@pytest.mark.parametrize("key", SWITCHES)
+def test_train_config_on_off_auto_switches(key):
+    """Every auto / on / off switch in the training config: null (auto) by default, false accepted, true accepted
+    or, for an inference-only one, an error that says so; anything else an error naming the key."""
+    from training.config import load_train_config
+
+    assert load_train_config(None, []).speed.__dict__[key] is None
+    assert load_train_config(None, [f"speed.{key}=false"]).speed.__dict__[key] is False
+    if key in INFERENCE_ONLY:
         with pytest.raises((ConfigError, ValueError), match=rf"speed\.{key}: inference only"):
             load_train_config(None, [f"speed.{key}=true"])
-        assert load_train_config(None, [f"speed.{key}=false"]).speed.__dict__[key] is False
+    else:
+        assert load_train_config(None, [f"speed.{key}=true"]).speed.__dict__[key] is True
+    with pytest.raises((ConfigError, ValueError), match=rf"speed\.{key}"):
+        load_train_config(None, [f"speed.{key}=maybe"])
 
 
 def test_cli_flags_build_the_speed_config():
