@@ -43,6 +43,8 @@ from .norms import LowPrecisionGroupNorm
 TRITON = importlib.util.find_spec("triton") is not None  # looked up once, not imported until a kernel is built
 _LANES = 128  # channel lanes of a program's tile: whole groups, contiguous channels
 _BLOCK_S = 64  # chunks combined per step of the apply kernel's loop
+_MAX_ROW_PROGRAMS = 128  # beyond it (latents over 128 chunks) an apply program takes several row tiles, so that the
+# chunks' statistics are combined by at most this many programs per (batch, group tile), not by one per row tile
 MAX_GROUP_CHANNELS = 4096  # wider groups take the plain path
 
 
@@ -92,8 +94,9 @@ def group_norm_nhwc(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
     meta = dict(CPG=cpg, K=k, KP=kp, CHUNK=chunk, num_warps=warps)
     wrap_triton(_stats_kernel())[(b * s, tiles)](x, mean, m2, hw, c, g, s, CP=cp, **meta)
     has_w, has_b = weight is not None, bias is not None
-    wrap_triton(_apply_kernel())[(s, b, tiles)](  # row tiles first: the grid's x may exceed 65535
-        x, mean, m2, weight if has_w else x, bias if has_b else x, y, hw, c, g, s, eps,
+    per = triton.cdiv(s, _MAX_ROW_PROGRAMS)  # row tiles per apply program: 1 up to 128 chunks (SD 1.5 at 512 px)
+    wrap_triton(_apply_kernel())[(triton.cdiv(s, per), b, tiles)](  # row programs first: x may exceed 65535
+        x, mean, m2, weight if has_w else x, bias if has_b else x, y, hw, c, g, s, per, eps,
         HAS_W=has_w, HAS_B=has_b, SILU=silu, BLOCK_S=_BLOCK_S, LANES=lanes, **meta)
     return y
 
@@ -132,12 +135,12 @@ def _stats_kernel():
 
 @functools.cache
 def _apply_kernel():
-    """Per (tile of CHUNK rows, batch, tile of K groups): combine the groups' chunks, normalise, affine, SiLU."""
+    """Per (PER tiles of CHUNK rows, batch, tile of K groups): combine the groups' chunks, normalise, affine, SiLU."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def triton_group_norm_apply(x_ptr, mean_ptr, m2_ptr, w_ptr, b_ptr, y_ptr, HW, C, G, S, eps,
+    def triton_group_norm_apply(x_ptr, mean_ptr, m2_ptr, w_ptr, b_ptr, y_ptr, HW, C, G, S, PER, eps,
                                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK_S: tl.constexpr,
                                 CPG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, LANES: tl.constexpr,
                                 CHUNK: tl.constexpr):  # fmt: skip
@@ -176,14 +179,15 @@ def _apply_kernel():
         shift = -tl.sum(tl.where(sel, mean[:, None], 0.0), axis=0) * a
         if HAS_B:
             shift += tl.load(b_ptr + ch, mask=lane_ok, other=0.0).to(tl.float32)
-        rows = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
-        mask = (rows < HW)[:, None] & lane_ok[None, :]
-        offs = (bi * HW + rows).to(tl.int64)[:, None] * C + ch[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # (CHUNK, LANES)
-        y = x * a[None, :] + shift[None, :]
-        if SILU:
-            y = y / (1.0 + tl.exp(-y))
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        for r in range(0, PER):  # this program's row tiles
+            rows = (tl.program_id(0) * PER + r) * CHUNK + tl.arange(0, CHUNK)
+            mask = (rows < HW)[:, None] & lane_ok[None, :]
+            offs = (bi * HW + rows).to(tl.int64)[:, None] * C + ch[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # (CHUNK, LANES)
+            y = x * a[None, :] + shift[None, :]
+            if SILU:
+                y = y / (1.0 + tl.exp(-y))
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     return triton_group_norm_apply
 

@@ -31,10 +31,12 @@ def test_kernels_match_fp64_group_norm_in_the_interpreter():
         import torch, torch.nn.functional as F
         import ldm.group_norm_triton as T
         # (B, C, H, W), groups: SD's 10 channels per group (12 groups a tile, the last tile partial) over 4 chunks;
-        # 30 per group; a last chunk of 16 rows; one group; odd sizes; 2 channels per group (32 groups a tile)
+        # 30 per group; a last chunk of 16 rows; one group; odd sizes; 2 channels per group (32 groups a tile);
+        # 146 chunks, the last of 32 rows: each apply program takes 2 row tiles (> 128 chunks)
         cases = [((2, 320, 16, 16), 32), ((1, 960, 8, 8), 32), ((3, 24, 9, 16), 4), ((2, 48, 5, 7), 1),
-                 ((2, 64, 8, 8), 32)]
+                 ((2, 64, 8, 8), 32), ((1, 8, 97, 96), 4)]
         assert T._plan(320, 32, 256)[0] == 12 and T._plan(24, 4, 144)[4] == 64  # the cases take those paths
+        assert T._plan(8, 4, 97 * 96)[4] == 64 and -(-97 * 96 // 64) == 146 > T._MAX_ROW_PROGRAMS
         for shape, g in cases:
             b, c, h, w = shape
             gen = torch.Generator().manual_seed(c)
