@@ -96,6 +96,45 @@ def test_switched_unet_runs_the_kernels_and_matches_in_the_interpreter():
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
+@pytest.mark.skipif(not T.TRITON, reason="needs Triton (its interpreter runs the kernels on the CPU)")
+def test_pipeline_with_a_controlnet_runs_the_kernels_and_matches_in_the_interpreter():
+    """The switches as a CUDA pipeline gets them by default (NHWC, the Triton GroupNorm), on the U-Net and its
+    ControlNet, kernels run by the interpreter: the latents of the plain pipeline, fp32 to 1e-5, with every norm of
+    both networks through the kernels at every step."""
+    script = textwrap.dedent("""
+        import copy, torch
+        import ldm.group_norm_triton as T
+        calls = []
+        T.runs_kernel = lambda x, w: calls.append(1) or (x.dim() == 4 and not torch.is_grad_enabled()
+                                                         and x.is_contiguous(memory_format=torch.channels_last))
+        from inference.pipeline import Pipeline
+        from ldm.bundle import Bundle
+        from ldm.conditions import ConditionSpec
+        from ldm.speed import SpeedConfig
+        from tests.test_conditions import _model, _randomize
+        b = Bundle(_model([ConditionSpec(type="controlnet", name="edges")])).eval()
+        _randomize(b, seed=3)  # the zero convolutions too: the control acts
+        slow = Pipeline(copy.deepcopy(b), speed=SpeedConfig())  # the CPU defaults: plain
+        fast = Pipeline(b, speed=SpeedConfig(channels_last=True, triton_group_norm=True))
+        norms = sum(type(m) is T.TritonGroupNorm for m in b.modules())
+        assert norms > sum(type(m) is T.TritonGroupNorm for m in b.unet.modules()) > 0  # the ControlNet's too
+        f = b.config.vae.downsample_factor
+        img = torch.rand(1, 3, 8 * f, 8 * f, generator=torch.Generator().manual_seed(5))
+        kw = dict(steps=3, sampler="euler", cfg_scale=3.0, seed=0, width=8 * f, height=8 * f,
+                  conditions={"edges": img})
+        want = slow("a", **kw).latents
+        calls.clear()
+        got = fast("a", **kw).latents
+        err = float((got - want).abs().max() / want.abs().max())
+        assert len(calls) == 3 * norms and err < 1e-5, (len(calls), norms, err)  # one CFG call per step
+        print("ok")
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=str(ROOT))  # fmt: skip
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
 def _tiny_unet(**kw) -> UNet:
     torch.manual_seed(0)
     u = UNet(UNetConfig.sd15().tiny(**kw)).eval()

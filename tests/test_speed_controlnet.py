@@ -96,7 +96,7 @@ def test_pipeline_gives_its_switches_to_controlnets_attached_before_and_after():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_cuda_pipeline_with_a_controlnet_gives_the_latents_of_the_switches_off():
     """On CUDA, a pipeline with the default switches (the U-Net and the ControlNet replayed from CUDA graphs, fused
-    q/k/v, the fastest attention chain) gives the latents of one with them off, to fp32 rounding, and the
+    q/k/v, the fastest attention chain, NHWC with the Triton GroupNorm) gives the latents of one with them off, to fp32 rounding, and the
     ControlNet's graph is the one that ran."""
     from inference.pipeline import Pipeline
 
@@ -105,7 +105,8 @@ def test_cuda_pipeline_with_a_controlnet_gives_the_latents_of_the_switches_off()
     b = b.to("cuda")
     fast = Pipeline(b)
     slow = Pipeline(copy.deepcopy(b), speed=SpeedConfig(attention_kernel="auto", fused_qkv=False, fused_emb=False,
-                                                        fused_context_kv=False, shared_latent=False, cuda_graphs=False))
+                                                        fused_context_kv=False, shared_latent=False, cuda_graphs=False,
+                                                        channels_last=False, triton_group_norm=False))
     f = b.config.vae.downsample_factor
     img = torch.rand(1, 3, 8 * f, 8 * f, generator=torch.Generator().manual_seed(5))  # an image tensor in [0, 1]
     kw = dict(steps=4, sampler="euler", cfg_scale=3.0, seed=0, width=8 * f, height=8 * f, conditions={"edges": img})
