@@ -32,15 +32,14 @@ replaced, followed by the SiLU it took over. ldm/speed.py calls it (``speed.trit
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .geglu import TRITON  # noqa: F401 (re-exported: the one lookup of Triton, ldm/geglu.py)
 from .norms import LowPrecisionGroupNorm
 
-TRITON = importlib.util.find_spec("triton") is not None  # looked up once, not imported until a kernel is built
 _LANES = 128  # channel lanes of a program's tile: whole groups, contiguous channels
 _BLOCK_S = 64  # chunks combined per step of the apply kernel's loop
 _MAX_ROW_PROGRAMS = 128  # beyond it (latents over 128 chunks) an apply program takes several row tiles, so that the
@@ -201,7 +200,7 @@ class TritonGroupNorm(nn.GroupNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, C, H, W) -> same shape
-        if runs_kernel(x, self.weight):
+        if runs_kernel(x, self.weight) and self.num_channels // self.num_groups <= MAX_GROUP_CHANNELS:
             return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps, self.fused_silu)
         y = self._plain.forward(self, x)
         return F.silu(y) if self.fused_silu else y

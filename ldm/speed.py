@@ -74,8 +74,8 @@ what it was.
                       fp32 math, deterministic).
                       Eager, PyTorch's GroupNorm copies NHWC to NCHW and back (50-150 us per 64x64-level norm;
                       23-37 us here, 5-12 us at the lower levels), so with it channels_last pays off without
-                      compiling: the SD 1.5 CFG step in
-                      the default path (CUDA graphs, no compile) 11.36 -> 7.04 ms (BENCHMARKS.md, ninth session).
+                      compiling: the SD 1.5 CFG step in the default path (CUDA graphs, no compile) 11.36 -> 7.04 ms
+                      (BENCHMARKS.md, ninth session).
                       Compiled, Inductor's fused norms were faster in the step (5.89 vs 6.57 ms): auto off there.
                       Inference only (no gradients). auto: on with CUDA for inference when not compiled.
 """

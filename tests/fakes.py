@@ -7,8 +7,15 @@ diffusers calls it with (scale_model_input(x, t), t), our Denoiser with (c_in * 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def fake_net(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
@@ -63,3 +70,12 @@ SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 
 def ve_from_vp(x_vp: torch.Tensor, sigma: float) -> torch.Tensor:
     return x_vp * math.sqrt(1 + sigma**2)
+
+
+def run_interpreted(script: str, timeout: int = 600) -> None:
+    """Run ``script`` in a fresh Python with TRITON_INTERPRET=1 (set before any Triton kernel is defined, so the
+    kernels run on the CPU); it prints "ok" when its checks pass."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
+                         timeout=timeout, cwd=str(ROOT))  # fmt: skip
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

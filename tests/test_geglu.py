@@ -6,11 +6,7 @@ so in a subprocess); its speed and its bf16 error at SD 1.5's shapes on a GPU ar
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +18,7 @@ from ldm.conditioning import Cond
 from ldm.speed import SpeedConfig, apply_speed
 from ldm.unet import UNet, UNetConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+from .fakes import run_interpreted
 
 
 def plain_grad(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -66,9 +62,7 @@ def test_triton_kernel_and_autograd_function_in_the_interpreter():
             torch.testing.assert_close(x.grad.double(), want, rtol=1e-5, atol=1e-5)
         print("ok")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    run_interpreted(script, timeout=300)
 
 
 def test_cpu_and_inference_keep_the_plain_formula():

@@ -4,11 +4,7 @@ subprocess); the switch swaps exactly the norms and the SiLUs it takes over, and
 defaults; the training config refuses it."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,16 +18,7 @@ from ldm.speed import SpeedConfig, apply_speed, remove_speed
 from ldm.unet import UNet, UNetConfig
 from ldm.unet_blocks import ResBlock
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _interpreted(script: str) -> None:
-    """Run ``script`` in a fresh interpreter with TRITON_INTERPRET=1 (set before any kernel is defined); it prints
-    "ok" when its checks pass."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=str(ROOT))  # fmt: skip
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+from .fakes import run_interpreted
 
 
 @pytest.mark.skipif(not T.TRITON, reason="needs Triton (its interpreter runs the kernels on the CPU)")
@@ -68,7 +55,7 @@ def test_kernels_match_fp64_group_norm_in_the_interpreter():
             assert ((got - ref).abs() <= 2 ** -7 * ref.abs().clamp_min(1.0)).all(), shape
         print("ok")
     """)
-    _interpreted(script)
+    run_interpreted(script)
 
 
 @pytest.mark.skipif(not T.TRITON, reason="needs Triton (its interpreter runs the kernels on the CPU)")
@@ -98,7 +85,7 @@ def test_switched_unet_runs_the_kernels_and_matches_in_the_interpreter():
         assert len(calls) == n and err < 1e-5, (len(calls), n, err)
         print("ok")
     """)
-    _interpreted(script)
+    run_interpreted(script)
 
 
 @pytest.mark.skipif(not T.TRITON, reason="needs Triton (its interpreter runs the kernels on the CPU)")
@@ -134,7 +121,7 @@ def test_pipeline_with_a_controlnet_runs_the_kernels_and_matches_in_the_interpre
         assert len(calls) == 3 * norms and err < 1e-5, (len(calls), norms, err)  # one CFG call per step
         print("ok")
     """)
-    _interpreted(script)
+    run_interpreted(script)
 
 
 def _tiny_unet(**kw) -> UNet:
