@@ -37,7 +37,8 @@ def main() -> int:
     ap.add_argument("--trace", default="", help="also write the profiled calls' Chrome trace here (kernel grids)")
     ap.add_argument("--code", default="",
                     help="also copy Inductor's generated module(s) for the U-Net here (the Triton kernels' source)")
-    ap.add_argument("--nhwc-group-norm", action="store_true", help="speed.nhwc_group_norm=true (auto: off)")
+    ap.add_argument("--no-nhwc-group-norm", action="store_true",
+                    help="speed.nhwc_group_norm=false (auto: on when compiled): Inductor's own GroupNorm")
     ap.add_argument("--triton-group-norm", action="store_true",
                     help="speed.triton_group_norm=true (ldm/group_norm_triton.py)")
     ap.add_argument("--no-fused-emb", action="store_true", help="speed.fused_emb=false (auto: on for CUDA inference)")
@@ -66,7 +67,7 @@ def main() -> int:
     with torch.device("cuda"):
         unet = UNet(cfg).to(torch.bfloat16).eval()
     speed = SpeedConfig(compile="default", channels_last=True, cuda_graphs=False, attention_kernel=args.attention_kernel,
-                        nhwc_group_norm=True if args.nhwc_group_norm else None,
+                        nhwc_group_norm=False if args.no_nhwc_group_norm else None,
                         triton_group_norm=True if args.triton_group_norm else None,
                         fused_emb=False if args.no_fused_emb else None,
                         fused_context_kv=False if args.no_fused_context_kv else None)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .geglu import TRITON  # noqa: F401 (re-exported: the one lookup of Triton, ldm/geglu.py)
+from .geglu import TRITON, launchable  # TRITON re-exported: the one lookup of Triton, ldm/geglu.py
 from .norms import LowPrecisionGroupNorm
 
 _LANES = 128  # channel lanes of a program's tile: whole groups, contiguous channels
@@ -72,7 +72,6 @@ def group_norm_nhwc(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
                     silu: bool) -> Tensor:  # fmt: skip
     """GroupNorm (+ SiLU) of x (B, C, H, W), channels-last; the result in x's dtype and layout (module docstring)."""
     import triton
-    from torch.library import wrap_triton
 
     b, c, h, w = x.shape
     g = num_groups
@@ -91,10 +90,10 @@ def group_norm_nhwc(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
     y = torch.empty_like(x)  # channels-last, x's dtype
     warps = 8 if chunk * kp * cp >= 4096 else 4
     meta = dict(CPG=cpg, K=k, KP=kp, CHUNK=chunk, num_warps=warps)
-    wrap_triton(_stats_kernel())[(b * s, tiles)](x, mean, m2, hw, c, g, s, CP=cp, **meta)
+    launchable(_stats_kernel())[(b * s, tiles)](x, mean, m2, hw, c, g, s, CP=cp, **meta)
     has_w, has_b = weight is not None, bias is not None
     per = triton.cdiv(s, _MAX_ROW_PROGRAMS)  # row tiles per apply program: 1 up to 128 chunks (SD 1.5 at 512 px)
-    wrap_triton(_apply_kernel())[(triton.cdiv(s, per), b, tiles)](  # row programs first: x may exceed 65535
+    launchable(_apply_kernel())[(triton.cdiv(s, per), b, tiles)](  # row programs first: x may exceed 65535
         x, mean, m2, weight if has_w else x, bias if has_b else x, y, hw, c, g, s, per, eps,
         HAS_W=has_w, HAS_B=has_b, SILU=silu, BLOCK_S=_BLOCK_S, LANES=lanes, **meta)
     return y
@@ -147,7 +146,7 @@ def _apply_kernel():
         g0 = tl.program_id(2) * K
         grp = g0 + tl.arange(0, KP)  # (KP,)
         g_ok = (tl.arange(0, KP) < K) & (grp < G)
-        total = (HW * CPG).to(tl.float32)
+        total = HW * CPG * 1.0  # fp32 (HW may come as a Python int: Triton specialises an argument equal to 1)
         # each group's mean over all chunks (weighted by their element counts), then its M2 (Chan et al.)
         acc = tl.zeros((KP,), dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):

@@ -7,11 +7,12 @@ and the generated code: 11-17 us per 64x64-level norm where its bytes need ~2-3 
 ``cat`` Inductor even wrote the concatenation NCHW, read it back uncoalesced and copied it to NHWC for the next
 convolution (up to 56 us for one norm).
 
-``group_norm_nhwc`` computes the same normalisation from the (B, H*W, C) view that channels-last memory already is:
+``group_norm_nhwc`` computes the same normalisation from the (B, H*W, G, C/G) view that channels-last memory already
+is:
 
-    per channel:  mean_c, var_c  over H*W               (B, C)     a reduction along the contiguous rows
-    per group:    mean = mean of the group's mean_c      (B, G)     each channel has H*W elements, so
-                  var  = mean of var_c + mean of (mean_c - mean)^2  (law of total variance, exact)
+    per group:  mean, var  over the (H*W, C/G) block      (B, G)     one reduction per group whose index walks
+                                                                      the group's C/G contiguous channels, then
+                                                                      the next row
     y = x * a + b,  a = rstd * weight,  b = bias - mean * a        (B, H*W, C) one pass, C contiguous
 
 in fp32 (as PyTorch's CUDA kernel: it too forms a = rstd * weight and b = bias - mean * a), written in the input's
@@ -21,9 +22,11 @@ LowPrecisionGroupNorm; under autocast only the latter's inputs take the NHWC pat
 autocast dtype out). ``set_nhwc_group_norm(module, on)`` switches a model's norms in place by class, as ldm/norms.py
 does; parameter names and the state dict do not change. ldm/speed.py calls it (``speed.nhwc_group_norm``).
 
-Measured (BENCHMARKS.md, sixth session): the 32x32-level norms of the compiled CFG step fell from 17 to ~4 us, but
-Inductor splits the per-channel reduction into two kernels, the second on a handful of blocks, and the 64x64-level
-norms got slower: the step came out 0.04-0.05 ms slower. So the switch is opt-in (auto off); training is unmeasured.
+Measured (BENCHMARKS.md): the compiled SD 1.5 CFG step 5.967 -> 5.705 ms (tenth session, one process, graphs replayed
+in turns). The sixth session's form (per-channel statistics over H*W, combined per group by the law of total variance)
+gave 5.860 ms in that call and had measured 0.04-0.05 ms slower than Inductor's own norms before: Inductor splits the
+per-channel reduction into two kernels, the second on a handful of blocks. So the switch is on by auto for compiled
+CUDA inference; training is unmeasured (off).
 """
 from __future__ import annotations
 
@@ -34,18 +37,15 @@ from .norms import LowPrecisionGroupNorm
 
 
 def group_norm_nhwc(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """GroupNorm of ``x`` (B, C, H, W), computed from its (B, H*W, C) view (free for channels-last memory);
+    """GroupNorm of ``x`` (B, C, H, W), computed from its (B, H*W, G, C/G) view (free for channels-last memory);
     statistics and the affine map in fp32, the result in x's dtype and channels-last layout."""
     b, c, h, w = x.shape
     g = num_groups
     if c % g:
         raise ValueError(f"GroupNorm: {c} channels do not split into {g} groups")
     xs = x.permute(0, 2, 3, 1).reshape(b, h * w, c).float()  # (B, HW, C)
-    var_c, mean_c = torch.var_mean(xs, dim=1, correction=0)  # (B, C) each
-    mean_c, var_c = mean_c.view(b, g, c // g), var_c.view(b, g, c // g)  # (B, G, C/G)
-    mean = mean_c.mean(-1, keepdim=True)  # (B, G, 1)
-    var = var_c.mean(-1, keepdim=True) + (mean_c - mean).square().mean(-1, keepdim=True)  # (B, G, 1)
-    rstd = torch.rsqrt(var + eps)  # (B, G, 1)
+    var, mean = torch.var_mean(xs.view(b, h * w, g, c // g), dim=(1, 3), correction=0)  # (B, G) each
+    rstd, mean = torch.rsqrt(var + eps).unsqueeze(-1), mean.unsqueeze(-1)  # (B, G, 1) each
     a = rstd.expand(b, g, c // g) if weight is None else rstd * weight.float().view(g, c // g)  # (B, G, C/G)
     shift = -mean * a if bias is None else bias.float().view(g, c // g) - mean * a  # (B, G, C/G)
     y = xs * a.reshape(b, 1, c) + shift.reshape(b, 1, c)  # (B, HW, C)

@@ -62,13 +62,13 @@ what it was.
                       at 512 px, batch 32; that step 223.3 -> 214.0 ms with fa4, 1.50x diffusers with cuDNN). Same
                       kernels, same values. Acts only when gradients flow. auto: on with CUDA for compiled
                       channels-last training.
-    nhwc_group_norm   GroupNorm computed from the channels-last (B, H*W, C) view (ldm/norm_nhwc.py): per-channel
-                      statistics along contiguous rows, combined per group, one coalesced pass to normalise; the
-                      NCHW-order decomposition read channels-last memory one element per row step (11-17 us per
-                      64x64-level norm in the compiled SD 1.5 CFG step). Same normalisation in fp32. Acts only on
-                      4-D channels-last inputs. Measured on the compiled CFG step: Inductor splits the per-channel
-                      reduction into two kernels, the second on 5 blocks, and the step got 0.05 ms slower
-                      (BENCHMARKS.md); training unmeasured. auto: off.
+    nhwc_group_norm   GroupNorm computed from the channels-last (B, H*W, G, C/G) view (ldm/norm_nhwc.py): one
+                      reduction per group that walks its contiguous channels row by row, then one coalesced pass to
+                      normalise; Inductor's decomposition of GroupNorm reads channels-last memory in NCHW order, one
+                      element per row step (11-17 us per 64x64-level norm in the compiled SD 1.5 CFG step). Same
+                      normalisation in fp32. Acts only on 4-D channels-last inputs. Measured on the compiled CFG
+                      step: 5.967 -> 5.705 ms (BENCHMARKS.md, tenth session); eager it is slower than
+                      triton_group_norm, training is unmeasured. auto: on with CUDA for compiled inference.
     triton_group_norm GroupNorm + the SiLU after it as two Triton kernels over NHWC activations
                       (ldm/group_norm_triton.py: per-chunk statistics, then combine, normalise, SiLU in one pass;
                       fp32 math, deterministic).
@@ -115,7 +115,7 @@ class SpeedConfig:
     low_precision_norms: Optional[bool] = None  # None: auto (CUDA); acts only under autocast
     triton_geglu: Optional[bool] = None  # None: auto (CUDA); acts only with gradients
     channels_last_grads: Optional[bool] = None  # None: auto (CUDA, compiled channels-last training)
-    nhwc_group_norm: Optional[bool] = None  # None: auto (off)
+    nhwc_group_norm: Optional[bool] = None  # None: auto (CUDA inference, compiled)
     triton_group_norm: Optional[bool] = None  # None: auto (CUDA inference, not compiled)
 
     def __post_init__(self) -> None:
@@ -158,7 +158,7 @@ class SpeedConfig:
             low_precision_norms=_auto(self.low_precision_norms, cuda),
             triton_geglu=_auto(self.triton_geglu, cuda),
             channels_last_grads=_auto(self.channels_last_grads, cuda and training and channels_last and compiled),
-            nhwc_group_norm=_auto(self.nhwc_group_norm, False),  # measured slower at inference; training unmeasured
+            nhwc_group_norm=_auto(self.nhwc_group_norm, cuda and not training and compiled and not triton_gn),
             triton_group_norm=triton_gn,
         )
 

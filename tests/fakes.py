@@ -75,7 +75,8 @@ def ve_from_vp(x_vp: torch.Tensor, sigma: float) -> torch.Tensor:
 def run_interpreted(script: str, timeout: int = 600) -> None:
     """Run ``script`` in a fresh Python with TRITON_INTERPRET=1 (set before any Triton kernel is defined, so the
     kernels run on the CPU); it prints "ok" when its checks pass."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))  # keep the caller's (e.g. wheels)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
                          timeout=timeout, cwd=str(ROOT))  # fmt: skip
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

@@ -21,7 +21,19 @@ from ldm.unet_blocks import ResBlock
 from .fakes import run_interpreted
 
 
-@pytest.mark.skipif(not T.TRITON, reason="needs Triton (its interpreter runs the kernels on the CPU)")
+def _interpreter_runs_loops() -> bool:
+    """Triton 3.6's interpreter turns a runtime loop bound into int() of a 1-element numpy array, which NumPy 2
+    refuses (the apply kernel loops over chunks up to S); Triton 3.7 and later pass 0-d arrays."""
+    from importlib.metadata import version
+
+    return tuple(int(p) for p in version("triton").split(".")[:2]) >= (3, 7)
+
+
+INTERPRETED = pytest.mark.skipif(not T.TRITON or not _interpreter_runs_loops(),
+                                 reason="needs Triton >= 3.7 (its interpreter runs the kernels on the CPU)")  # fmt: skip
+
+
+@INTERPRETED
 def test_kernels_match_fp64_group_norm_in_the_interpreter():
     script = textwrap.dedent("""
         import torch, torch.nn.functional as F
@@ -58,7 +70,7 @@ def test_kernels_match_fp64_group_norm_in_the_interpreter():
     run_interpreted(script)
 
 
-@pytest.mark.skipif(not T.TRITON, reason="needs Triton (its interpreter runs the kernels on the CPU)")
+@INTERPRETED
 def test_switched_unet_runs_the_kernels_and_matches_in_the_interpreter():
     """A tiny U-Net, channels-last, every norm through the kernels (its CPU gate opened), against the plain U-Net:
     fp32 to 1e-5 (the kernels' fp32 sums differ from PyTorch's in the last bits, which the later layers carry)."""
@@ -88,7 +100,7 @@ def test_switched_unet_runs_the_kernels_and_matches_in_the_interpreter():
     run_interpreted(script)
 
 
-@pytest.mark.skipif(not T.TRITON, reason="needs Triton (its interpreter runs the kernels on the CPU)")
+@INTERPRETED
 def test_pipeline_with_a_controlnet_runs_the_kernels_and_matches_in_the_interpreter():
     """The switches as a CUDA pipeline gets them by default (NHWC, the Triton GroupNorm), on the U-Net and its
     ControlNet, kernels run by the interpreter: the latents of the plain pipeline, fp32 to 1e-5, with every norm of
@@ -205,9 +217,32 @@ def test_the_cli_builds_it():  # the training config's refusal: tests/test_speed
         speed_cli.speed_config(p.parse_args(["--triton-group-norm", "maybe"]))
 
 
+@pytest.mark.skipif(not T.TRITON, reason="needs Triton")
+@pytest.mark.parametrize("ones", [(), ("HW",), ("HW", "S", "PER", "G")])
+def test_kernels_compile_for_hopper_when_integer_arguments_are_one(ones):
+    """Triton passes an integer argument equal to 1 as a constant (a 1x1 feature map: H * W = 1), so the kernels
+    must compile with those as Python ints; compiled here for sm_90 without a GPU (Triton's own ptxas). A 1x1 map
+    once failed on the H200 with "'int' object has no attribute 'to'"."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    meta = {"CPG": 2, "K": 32, "KP": 32, "CHUNK": 64}
+    for kernel, types, extra in (
+        (T._stats_kernel(), ["*bf16", "*fp32", "*fp32", "i32", "i32", "i32", "i32"], {"CP": 2}),
+        (T._apply_kernel(), ["*bf16", "*fp32", "*fp32", "*bf16", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32",
+                             "fp32"], {"HAS_W": True, "HAS_B": True, "SILU": True, "BLOCK_S": 16, "LANES": 64})):
+        names = kernel.arg_names
+        consts = {**meta, **extra, **{n: 1 for n in ones if n in names}}
+        signature = {n: "constexpr" if n in consts else types[i] for i, n in enumerate(names)}
+        src = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()})
+        triton.compile(src, target=GPUTarget("cuda", 90, 32))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not T.TRITON, reason="the compiled kernels need a CUDA GPU")
 def test_cuda_kernels_match_the_reference():
-    for c, side in ((320, 64), (640, 32), (2560, 8)):
+    # 1x1: Triton passes an integer argument equal to 1 as a constant (H * W here), which the kernel must accept
+    for c, side in ((320, 64), (640, 32), (2560, 8), (64, 1)):
         x = torch.randn(2, c, side, side, device="cuda").contiguous(memory_format=torch.channels_last)
         w, b = torch.randn(c, device="cuda"), torch.randn(c, device="cuda")
         got = T.group_norm_nhwc(x, 32, w, b, 1e-5, True).double()

@@ -126,11 +126,14 @@ def test_switch_swaps_and_restores_classes():
 
 
 def test_speed_switch_on_the_unet():
-    """nhwc_group_norm: opt-in (auto off: measured slower on the compiled CFG step); on a channels-last U-Net it
-    gives the fp32 output of the plain one; apply_speed / remove_speed swap every GroupNorm and back; the key is
-    validated."""
-    assert not SpeedConfig(compile="default").resolve("cuda").nhwc_group_norm
+    """nhwc_group_norm: auto on for compiled CUDA inference only (measured faster on the compiled CFG step; eager the
+    Triton kernels take the norms; training unmeasured); on a channels-last U-Net it gives the fp32 output of the
+    plain one; apply_speed / remove_speed swap every GroupNorm and back; the key is validated."""
+    assert SpeedConfig(compile="default").resolve("cuda").nhwc_group_norm
     assert not SpeedConfig(compile="default").resolve("cuda", training=True).nhwc_group_norm
+    assert not SpeedConfig().resolve("cuda").nhwc_group_norm
+    assert not SpeedConfig(compile="default", triton_group_norm=True).resolve("cuda").nhwc_group_norm
+    assert not SpeedConfig(compile="default").resolve("cpu").nhwc_group_norm
     assert SpeedConfig(compile="default", nhwc_group_norm=True).resolve("cuda").nhwc_group_norm
     with pytest.raises(ValueError, match=r"speed\.nhwc_group_norm"):
         SpeedConfig(nhwc_group_norm="yes")
