@@ -14,6 +14,8 @@ _ON_OFF_FLAGS = (  # speed switches given as auto|on|off: flag, help (the SpeedC
     ("channels-last", "NHWC convolutions (auto: on with CUDA when compiled or with --triton-group-norm)"),
     ("triton-group-norm", "GroupNorm + SiLU of NHWC activations as two Triton kernels (auto: on with CUDA when not "
                           "compiled)"),
+    ("nhwc-group-norm", "GroupNorm reduced per group over NHWC memory, for torch.compile (auto: on with CUDA when "
+                        "compiled)"),
     ("fused-qkv", "one matmul for q, k, v (auto: on with CUDA)"),
     ("fused-emb", "one matmul for every ResBlock's time-embedding projection (auto: on with CUDA)"),
     ("fused-context-kv", "one matmul for every cross-attention's k, v of the text (auto: on with CUDA; acts with "

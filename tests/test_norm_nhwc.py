@@ -148,3 +148,17 @@ def test_speed_switch_on_the_unet():
     _close(unet(x, t, cond), before)
     remove_speed(unet)
     assert sum(type(m) is nn.GroupNorm for m in unet.modules()) == n_gn
+
+
+def test_the_cli_builds_it():
+    import argparse
+
+    from inference import speed_cli
+
+    p = argparse.ArgumentParser()
+    speed_cli.add_speed_arguments(p)
+    assert speed_cli.speed_config(p.parse_args([])).nhwc_group_norm is None  # auto
+    cfg = speed_cli.speed_config(p.parse_args(["--compile", "--nhwc-group-norm", "off"]))
+    assert cfg.nhwc_group_norm is False and not cfg.resolve("cuda").nhwc_group_norm
+    with pytest.raises(ValueError, match="--nhwc-group-norm"):
+        speed_cli.speed_config(p.parse_args(["--nhwc-group-norm", "yes"]))
