@@ -67,8 +67,9 @@ what it was.
                       normalise; Inductor's decomposition of GroupNorm reads channels-last memory in NCHW order, one
                       element per row step (11-17 us per 64x64-level norm in the compiled SD 1.5 CFG step). Same
                       normalisation in fp32. Acts only on 4-D channels-last inputs. Measured on the compiled CFG
-                      step: 5.967 -> 5.705 ms (BENCHMARKS.md, tenth session); eager it is slower than
-                      triton_group_norm, training is unmeasured. auto: on with CUDA for compiled inference.
+                      step: 5.967 -> 5.705 ms (BENCHMARKS.md, tenth session). Without compile it is a chain of
+                      PyTorch ops, and triton_group_norm takes the norms there; training is unmeasured. auto: on
+                      with CUDA for compiled inference.
     triton_group_norm GroupNorm + the SiLU after it as two Triton kernels over NHWC activations
                       (ldm/group_norm_triton.py: per-chunk statistics, then combine, normalise, SiLU in one pass;
                       fp32 math, deterministic).
