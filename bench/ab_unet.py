@@ -9,8 +9,9 @@ apart on the same machine) cannot.
 A variant is ``NAME:KEY=VALUE,KEY=VALUE``; keys are SpeedConfig fields (JSON values: true, false, "fa4"),
 ``cat=plain`` (the up path's skip concatenation as plain torch.cat instead of ldm's channels-last one) or
 ``inductor.KEY`` (torch._inductor.config, set for that variant's compilation only) or ``ldm.MODULE.NAME`` (a
-constant of an ldm module, e.g. ``ldm.norm_nhwc.CHUNK_ROWS=128``, likewise set while the variant compiles) or ``cfg=true`` (the batch as
-classifier-free guidance's one latent under two texts: x, t of batch / 2 rows, the texts of batch rows). The
+constant of an ldm module, e.g. ``ldm.group_norm_triton._MAX_ROW_PROGRAMS=64``, likewise set while the variant
+compiles) or ``cfg=true`` (the batch as classifier-free guidance's one latent under two texts: x, t of batch / 2
+rows, the texts of batch rows). The
 inputs are a CFG batch for every variant (the second half's latents and times are the first half's). Each variant's output is
 compared with the first one's (bf16, the same weights and inputs).
 """

@@ -185,20 +185,18 @@ def main() -> int:
             wide = args.full_sweep or (lq == lk and lk >= 4096)
             tiles = list(itertools.product((64, 128), (32, 64, 128) if wide else (64, 128), (4, 8),
                                            (2, 3)))  # fmt: skip
-            best = None
-            for (ones, exp16), (bm, bn, warps, stages) in itertools.product(modes, tiles):
-                if lk < 128 and bn != 128 and not wide:
-                    continue
-                cfg = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, ones=ones, exp16=exp16)
-                r = record("triton", lambda q, k, v, cfg=cfg: triton_attention(q, k, v, **cfg), **cfg)
-                if r and (best is None or r["us"] < best["us"]):
-                    best = r
-                if r and (bm, bn, warps, stages) == tiles[-1]:
-                    mode_best = min((x for x in rows if x["shape"] == name and x["model"] == model
-                                     and x["kernel"] == "triton" and x["ones"] == ones and x["exp16"] == exp16),
-                                    key=lambda x: x["us"])  # fmt: skip
-                    print(f"{model} {name}: triton ones={ones} exp16={exp16} best {mode_best['us']:.1f} us "
-                          f"err {mode_best['err']:.1e} ({mode_best})", flush=True)  # fmt: skip
+            for ones, exp16 in modes:
+                timed_rows = []
+                for bm, bn, warps, stages in tiles:
+                    if lk < 128 and bn != 128 and not wide:
+                        continue
+                    cfg = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, ones=ones, exp16=exp16)
+                    r = record("triton", lambda q, k, v, cfg=cfg: triton_attention(q, k, v, **cfg), **cfg)
+                    timed_rows += [r] if r else []
+                if timed_rows:
+                    top = min(timed_rows, key=lambda x: x["us"])
+                    print(f"{model} {name}: triton ones={ones} exp16={exp16} best {top['us']:.1f} us "
+                          f"err {top['err']:.1e} ({top})", flush=True)  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                           "rows": rows}, indent=1))  # fmt: skip
