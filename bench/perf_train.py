@@ -206,6 +206,10 @@ TRAIN_COMPILE = {
     "compile reduce-overhead (CUDA graphs) + low-precision norms + channels-last + Triton GEGLU + NHWC conv grads": dict(
         _T, compile="reduce-overhead", low_precision_norms=True, channels_last=True, triton_geglu=True,
         channels_last_grads=True),
+    "compile reduce-overhead (CUDA graphs) + low-precision norms + channels-last + Triton GEGLU + NHWC conv grads "
+    "+ per-group NHWC GroupNorm": dict(
+        _T, compile="reduce-overhead", low_precision_norms=True, channels_last=True, triton_geglu=True,
+        channels_last_grads=True, nhwc_group_norm=True),
     "compile default + low-precision norms + channels-last": dict(_T, compile="default", low_precision_norms=True,
                                                                   channels_last=True),
     "compile default + low-precision norms (NCHW weights)": dict(_T, compile="default", low_precision_norms=True),

@@ -67,9 +67,11 @@ what it was.
                       normalise; Inductor's decomposition of GroupNorm reads channels-last memory in NCHW order, one
                       element per row step (11-17 us per 64x64-level norm in the compiled SD 1.5 CFG step). Same
                       normalisation in fp32. Acts only on 4-D channels-last inputs. Measured on the compiled CFG
-                      step: 5.967 -> 5.705 ms (BENCHMARKS.md, tenth session). Without compile it is a chain of
-                      PyTorch ops, and triton_group_norm takes the norms there; training is unmeasured. auto: on
-                      with CUDA for compiled inference.
+                      step: 5.967 -> 5.705 ms (BENCHMARKS.md, tenth session); SDXL 30.29 -> 29.71 ms, batch 16
+                      unchanged; compiled training 221.1 -> 218.1 ms at 512 px and 102.7 -> 101.0 ms at 256 px,
+                      0.5-1.9 GiB less peak memory (eleventh session). Without compile it is a chain of PyTorch
+                      ops, and triton_group_norm takes the norms there. auto: on with CUDA when compiled
+                      (inference and training).
     triton_group_norm GroupNorm + the SiLU after it as two Triton kernels over NHWC activations
                       (ldm/group_norm_triton.py: per-chunk statistics, then combine, normalise, SiLU in one pass;
                       fp32 math, deterministic).
@@ -159,7 +161,7 @@ class SpeedConfig:
             low_precision_norms=_auto(self.low_precision_norms, cuda),
             triton_geglu=_auto(self.triton_geglu, cuda),
             channels_last_grads=_auto(self.channels_last_grads, cuda and training and channels_last and compiled),
-            nhwc_group_norm=_auto(self.nhwc_group_norm, cuda and not training and compiled and not triton_gn),
+            nhwc_group_norm=_auto(self.nhwc_group_norm, cuda and compiled and not triton_gn),
             triton_group_norm=triton_gn,
         )
 

@@ -18,9 +18,9 @@ Sections and what they configure:
     train_unet     false: the base U-Net stays frozen (train a ControlNet, an adapter, a new condition beside it)
     cache          keep VAE latents / text embeddings of the dataset in memory instead of recomputing them
     speed          the U-Net's speed switches (ldm/speed.py SpeedConfig): attention kernel, low-precision norms,
-                   Triton GEGLU backward, channels-last, NHWC convolution gradients, compile
-                   (speed.compile=reduce-overhead: 1.49x diffusers' img/s at 512 px, 1.54x with
-                   attention_kernel=fa4, on an H200; ~2-4 min to compile)
+                   Triton GEGLU backward, channels-last, NHWC convolution gradients, GroupNorm reduced per
+                   group over NHWC memory, compile (speed.compile=reduce-overhead: 1.51x diffusers' img/s at
+                   512 px, 1.54x with attention_kernel=fa4, on an H200; ~2-4 min to compile)
     validation     prompts sampled every N steps to a PNG grid (task=vae: dataset images and reconstructions)
     vae_loss       task=vae: VAELossConfig (autoencoder/loss.py): reconstruction, KL weight, discriminator
 
