@@ -25,8 +25,9 @@ does; parameter names and the state dict do not change. ldm/speed.py calls it (`
 Measured (BENCHMARKS.md): the compiled SD 1.5 CFG step 5.967 -> 5.705 ms (tenth session, one process, graphs replayed
 in turns). The sixth session's form (per-channel statistics over H*W, combined per group by the law of total variance)
 gave 5.860 ms in that call and had measured 0.04-0.05 ms slower than Inductor's own norms before: Inductor splits the
-per-channel reduction into two kernels, the second on a handful of blocks. So the switch is on by auto for compiled
-CUDA inference; training is unmeasured (off).
+per-channel reduction into two kernels, the second on a handful of blocks. Compiled training (eleventh session): 221.1 ->
+218.1 ms per 512 px step, 102.7 -> 101.0 ms at 256 px, with less peak memory. So the switch is on by auto whenever the
+U-Net is compiled on CUDA, for inference and training.
 """
 from __future__ import annotations
 
