@@ -19,7 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.conv_shapes import timed  # noqa: E402 (a CUDA graph of 20 calls, replayed; median ms per call)
-from ldm.group_norm_triton import group_norm_nhwc  # noqa: E402
+from ldm.group_norm_triton import group_norm_silu_triton  # noqa: E402
 
 SHAPES = [(320, 64), (640, 64), (960, 64), (640, 32), (1280, 32), (1920, 32), (1280, 16), (2560, 16), (1280, 8),
           (2560, 8)]  # (channels, side) of the norms in one SD 1.5 call  # fmt: skip
@@ -57,7 +57,7 @@ def main() -> int:
             row = {"channels": c, "side": side, "silu": silu, "mb": x.numel() * 2 / 1e6}
             with torch.no_grad():
                 for name, fn in (("eager", lambda: plain(x, w, b, silu)), ("inductor", lambda: compiled(x, w, b, silu)),
-                                 ("ldm", lambda: group_norm_nhwc(x, 32, w, b, 1e-5, silu))):  # fmt: skip
+                                 ("ldm", lambda: group_norm_silu_triton(x, 32, w, b, 1e-5, silu))):  # fmt: skip
                     row[f"{name}_err"] = err(fn())
                     row[f"{name}_us"] = 1e3 * timed(fn, args.iters)
             rows.append(row)

@@ -67,8 +67,8 @@ def group_norm_silu_reference(x: Tensor, num_groups: int, weight: Tensor | None,
     return (F.silu(y) if silu else y).to(x.dtype)
 
 
-@torch.library.triton_op("ldm::group_norm_nhwc", mutates_args=())
-def group_norm_nhwc(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
+@torch.library.triton_op("ldm::group_norm_silu_nhwc", mutates_args=())
+def group_norm_silu_triton(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
                     silu: bool) -> Tensor:  # fmt: skip
     """GroupNorm (+ SiLU) of x (B, C, H, W), channels-last; the result in x's dtype and layout (module docstring)."""
     import triton
@@ -78,10 +78,10 @@ def group_norm_nhwc(x: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
     if c % g:
         raise ValueError(f"GroupNorm: {c} channels do not split into {g} groups")
     if not x.is_contiguous(memory_format=torch.channels_last):
-        raise ValueError("group_norm_nhwc: x must be channels-last contiguous")
+        raise ValueError("group_norm_silu_triton: x must be channels-last contiguous")
     hw, cpg = h * w, c // g
     if cpg > MAX_GROUP_CHANNELS:
-        raise ValueError(f"group_norm_nhwc: {cpg} channels per group is more than {MAX_GROUP_CHANNELS}")
+        raise ValueError(f"group_norm_silu_triton: {cpg} channels per group is more than {MAX_GROUP_CHANNELS}")
     k, kp, cp, lanes, chunk = _plan(c, g, hw)
     s = triton.cdiv(hw, chunk)
     tiles = triton.cdiv(g, k)
@@ -191,7 +191,7 @@ def _apply_kernel():
 
 
 class TritonGroupNorm(nn.GroupNorm):
-    """GroupNorm through ``group_norm_nhwc`` where it can run (module docstring); otherwise the class it replaced
+    """GroupNorm through ``group_norm_silu_triton`` where it can run (module docstring); otherwise the class it replaced
     (``_plain``), then SiLU when it took over the one after it (``fused_silu``)."""
 
     _plain: type = nn.GroupNorm
@@ -200,7 +200,7 @@ class TritonGroupNorm(nn.GroupNorm):
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, C, H, W) -> same shape
         if runs_kernel(x, self.weight) and self.num_channels // self.num_groups <= MAX_GROUP_CHANNELS:
-            return group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps, self.fused_silu)
+            return group_norm_silu_triton(x, self.num_groups, self.weight, self.bias, self.eps, self.fused_silu)
         y = self._plain.forward(self, x)
         return F.silu(y) if self.fused_silu else y
 

@@ -54,7 +54,7 @@ def test_kernels_match_fp64_group_norm_in_the_interpreter():
             for silu in (False, True):
                 for affine in (True, False):
                     args = (wt, bs) if affine else (None, None)
-                    y = T.group_norm_nhwc(x, g, *args, 1e-5, silu)
+                    y = T.group_norm_silu_triton(x, g, *args, 1e-5, silu)
                     ref = F.group_norm(x.double(), g, *(a.double() if a is not None else None for a in args), 1e-5)
                     ref = F.silu(ref) if silu else ref
                     assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == x.dtype
@@ -62,7 +62,7 @@ def test_kernels_match_fp64_group_norm_in_the_interpreter():
                     assert err < 1e-6, (shape, g, silu, affine, err)  # fp32 math; measured 1e-7 - 3e-7
             # bf16: the fp32 result rounded once, as the reference; 1 ulp apart where rounding ties differ
             xb, wb, bb = x.bfloat16(), wt.bfloat16(), bs.bfloat16()
-            got = T.group_norm_nhwc(xb, g, wb, bb, 1e-5, True).float()
+            got = T.group_norm_silu_triton(xb, g, wb, bb, 1e-5, True).float()
             ref = T.group_norm_silu_reference(xb, g, wb, bb, 1e-5, True).float()
             assert ((got - ref).abs() <= 2 ** -7 * ref.abs().clamp_min(1.0)).all(), shape
         print("ok")
@@ -245,6 +245,6 @@ def test_cuda_kernels_match_the_reference():
     for c, side in ((320, 64), (640, 32), (2560, 8), (64, 1)):
         x = torch.randn(2, c, side, side, device="cuda").contiguous(memory_format=torch.channels_last)
         w, b = torch.randn(c, device="cuda"), torch.randn(c, device="cuda")
-        got = T.group_norm_nhwc(x, 32, w, b, 1e-5, True).double()
+        got = T.group_norm_silu_triton(x, 32, w, b, 1e-5, True).double()
         ref = F.silu(F.group_norm(x.double(), 32, w.double(), b.double(), 1e-5))
         assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-6
