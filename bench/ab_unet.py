@@ -10,10 +10,13 @@ A variant is ``NAME:KEY=VALUE,KEY=VALUE``; keys are SpeedConfig fields (JSON val
 ``cat=plain`` (the up path's skip concatenation as plain torch.cat instead of ldm's channels-last one) or
 ``inductor.KEY`` (torch._inductor.config, set for that variant's compilation only) or ``ldm.MODULE.NAME`` (a
 constant of an ldm module, e.g. ``ldm.group_norm_triton._MAX_ROW_PROGRAMS=64``, likewise set while the variant
-compiles) or ``cfg=true`` (the batch as classifier-free guidance's one latent under two texts: x, t of batch / 2
+compiles) or ``cudnn.benchmark`` / ``cudnn.benchmark_limit`` (torch.backends.cudnn, set while the variant compiles,
+warms up and is captured; ``benchmark_limit=0`` times every cuDNN engine) or ``cfg=true`` (the batch as classifier-free guidance's one latent under two texts: x, t of batch / 2
 rows, the texts of batch rows). The
 inputs are a CFG batch for every variant (the second half's latents and times are the first half's). Each variant's output is
-compared with the first one's (bf16, the same weights and inputs).
+compared with the first one's (bf16, the same weights and inputs). A variant with ``cudnn.`` keys is built in a
+thread of its own (``bench.perf_measure.in_fresh_thread``): PyTorch caches its cuDNN convolution plans per thread,
+whatever ``cudnn.benchmark`` says, so built here it would reuse the heuristics' plans of the variants before it.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ldm.unet  # noqa: E402
 from bench.inductor_flags import set_config  # noqa: E402
-from bench.perf_measure import randomize_  # noqa: E402
+from bench.perf_measure import in_fresh_thread, randomize_  # noqa: E402
 from ldm.conditioning import Cond  # noqa: E402
 from ldm.speed import CUDAGraphForward, SpeedConfig, apply_speed  # noqa: E402
 from ldm.unet import UNet, UNetConfig  # noqa: E402
@@ -37,12 +40,16 @@ from ldm.unet import UNet, UNetConfig  # noqa: E402
 DEFAULT_VARIANTS = ["default:", "plain cat:cat=plain"]
 
 
+CUDNN_KEYS = ("benchmark", "benchmark_limit")
+
+
 def parse_variant(ap: argparse.ArgumentParser, text: str) -> tuple[str, dict, dict, str]:
-    """'NAME:k=v,...' -> (name, SpeedConfig overrides, inductor config, cat mode); errors name the variant."""
+    """'NAME:k=v,...' -> (name, SpeedConfig overrides, inductor config (+ "cfg", "cudnn"), cat mode); errors name
+    the variant."""
     name, sep, rest = text.partition(":")
     if not sep or not name:
         ap.error(f"--variant {text!r}: expected NAME:KEY=VALUE,...")
-    speed, inductor, cat = {}, {"cfg": False}, "nhwc"
+    speed, inductor, cat = {}, {"cfg": False, "cudnn": {}}, "nhwc"
     fields = set(SpeedConfig.__dataclass_fields__)
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -59,12 +66,18 @@ def parse_variant(ap: argparse.ArgumentParser, text: str) -> tuple[str, dict, di
             ap.error(f"--variant {name!r}: {key}'s value must be JSON (true, 3, \"fa4\"), got {value!r}")
         if key == "cfg":
             inductor["cfg"] = bool(parsed)
+        elif key.startswith("cudnn."):
+            if key.removeprefix("cudnn.") not in CUDNN_KEYS:
+                keys = ", ".join("cudnn." + k for k in CUDNN_KEYS)
+                ap.error(f"--variant {name!r}: {key!r}: the cuDNN keys are {keys}")
+            inductor["cudnn"][key.removeprefix("cudnn.")] = parsed
         elif key.startswith(("inductor.", "ldm.")):
             inductor[key.removeprefix("inductor.")] = parsed
         elif key in fields:
             speed[key] = parsed
         else:
-            ap.error(f"--variant {name!r}: {key!r} is neither a SpeedConfig field, cat, inductor.KEY nor ldm.MODULE.NAME")
+            ap.error(f"--variant {name!r}: {key!r} is neither a SpeedConfig field, cat, cfg, inductor.KEY, cudnn.KEY "
+                     "nor ldm.MODULE.NAME")
     return name, speed, inductor, cat
 
 
@@ -99,28 +112,35 @@ def main() -> int:
     plain_cat = ldm.unet.cat_channels
     graphs, rows, ref = [], [], None
     for name, speed, inductor, cat in variants:
-        unet = copy.deepcopy(base)
-        applied = apply_speed(unet, SpeedConfig(**{"compile": "default", "channels_last": True, **speed,
-                                                   "cuda_graphs": False}))
-        ldm.unet.cat_channels = (lambda h, skip: torch.cat([h, skip], dim=1)) if cat == "plain" else plain_cat
-        shared = inductor.pop("cfg")
+        shared, cudnn = inductor.pop("cfg"), inductor.pop("cudnn")
         call_args = (x[:half], t[:half], Cond(context=cond.context)) if shared else (x, t, cond)
-        old = set_config(inductor)
-        with torch.no_grad():
-            for _ in range(3):
-                out = unet(*call_args)
-            graphed = CUDAGraphForward(unet.forward)
-            for _ in range(3):
-                out = graphed(*call_args)
-        set_config(old)
-        ldm.unet.cat_channels = plain_cat
-        torch.cuda.synchronize()
-        out = out.float().clone()
+
+        def build(speed=speed, inductor=inductor, cat=cat, call_args=call_args):
+            unet = copy.deepcopy(base)
+            applied = apply_speed(unet, SpeedConfig(**{"compile": "default", "channels_last": True, **speed,
+                                                       "cuda_graphs": False}))
+            ldm.unet.cat_channels = (lambda h, skip: torch.cat([h, skip], dim=1)) if cat == "plain" else plain_cat
+            old = set_config(inductor)
+            try:
+                with torch.no_grad():
+                    for _ in range(3):
+                        out = unet(*call_args)
+                    graphed = CUDAGraphForward(unet.forward)
+                    for _ in range(3):
+                        out = graphed(*call_args)
+            finally:
+                set_config(old)
+                ldm.unet.cat_channels = plain_cat
+            torch.cuda.synchronize()
+            return applied, graphed, out.float().clone()
+
+        # a variant with cuDNN flags is built in a thread of its own (its own cuDNN plan cache); the others here
+        applied, graphed, out = in_fresh_thread(build, cudnn=cudnn) if cudnn else build()
         ref = out if ref is None else ref
         err = ((out - ref).abs().max() / ref.abs().max()).item()
         graphs.append((graphed, call_args))
-        rows.append({"variant": name, "speed": applied.describe(), "inductor": inductor, "cat": cat, "cfg": shared,
-                     "err_vs_first": err})
+        rows.append({"variant": name, "speed": applied.describe(), "inductor": inductor, "cudnn": cudnn, "cat": cat,
+                     "cfg": shared, "err_vs_first": err})
         print(f"compiled {name!r}: max |out - first| / max |first| = {err:.1e}", flush=True)
     times = [[] for _ in variants]
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -1,5 +1,9 @@
-"""Every convolution of one SD1.5 U-Net call, timed alone on the GPU three ways: cuDNN as the heuristics pick it
-(what the compiled U-Net runs), cuDNN with ``cudnn.benchmark`` (every algorithm timed), and Inductor's max-autotune
+"""Every convolution of one SD1.5 U-Net call, timed alone on the GPU several ways: cuDNN as the heuristics pick it
+(what the compiled U-Net runs), cuDNN with ``cudnn.benchmark`` (PyTorch's default ``benchmark_limit``: the
+heuristics' first 10 engine configurations timed) and with ``benchmark_limit=0`` (every configuration), each in a
+thread of its own (PyTorch's cuDNN plan cache is per thread and ignores the benchmark flag: before the eleventh
+session this script timed the benchmark column in the thread that had cached the heuristics' plans, so that
+column repeated the heuristics' kernels), and Inductor's max-autotune
 (its Triton implicit-GEMM template against ATen); 1x1 convolutions also as a cuBLAS GEMM, 3x3 ones also as
 im2col + one cuBLAS GEMM (``conv_as_gemm``: the nine shifted copies side by side). It answers whether any convolution has a faster kernel than the
 one the CFG step uses (the 3x3 convolutions are ~40% of it), before anything is built on that.
@@ -23,6 +27,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.perf_measure import in_fresh_thread  # noqa: E402
 from ldm.conditioning import Cond  # noqa: E402
 from ldm.unet import UNet, UNetConfig  # noqa: E402
 
@@ -118,11 +123,9 @@ def main() -> int:
 
         with torch.no_grad():
             ref = conv()
-            torch.backends.cudnn.benchmark = False
-            heur = timed(conv, args.iters)
-            torch.backends.cudnn.benchmark = True
-            bench = timed(conv, args.iters)
-            torch.backends.cudnn.benchmark = False
+            heur = in_fresh_thread(timed, conv, args.iters, cudnn={"benchmark": False})
+            bench = in_fresh_thread(timed, conv, args.iters, cudnn={"benchmark": True, "benchmark_limit": 10})
+            bench_all = in_fresh_thread(timed, conv, args.iters, cudnn={"benchmark": True, "benchmark_limit": 0})
             linear = None
             if ws[2:] == (1, 1) and stride == (1, 1):  # a 1x1 convolution is a GEMM on the (B*H*W, C) view
                 w2 = w.reshape(ws[0], ws[1])
@@ -150,22 +153,28 @@ def main() -> int:
         ho, wo = ref.shape[2], ref.shape[3]
         flop = 2 * xs[0] * ho * wo * ws[0] * ws[1] * ws[2] * ws[3]
         rows.append({"input": xs, "weight": ws, "stride": stride, "calls": calls, "gflop": flop / 1e9,
-                     "cudnn_ms": heur, "cudnn_benchmark_ms": bench, "linear_ms": linear, "im2col_ms": im2col, "autotune_ms": tuned, "autotune_err": err,
+                     "cudnn_ms": heur, "cudnn_benchmark_ms": bench, "cudnn_benchmark_all_ms": bench_all,
+                     "linear_ms": linear, "im2col_ms": im2col, "autotune_ms": tuned, "autotune_err": err,
                      "cudnn_tflops": flop / heur / 1e9})
         r = rows[-1]
-        print(f"x{calls:2d} in {xs} w {ws} s{stride[0]}: cuDNN {heur * 1e3:7.1f} us ({r['cudnn_tflops']:4.0f} TFLOP/s)"
-              f"  benchmark {bench * 1e3:7.1f} us" + (f"  as GEMM {linear * 1e3:7.1f} us" if linear else "")
-              + (f"  im2col + GEMM {im2col * 1e3:7.1f} us" if im2col else "") + (f"  max-autotune {tuned * 1e3:7.1f} us (err {err:.1e})"
-                                                      if tuned is not None else ""), flush=True)
-    tot = {k: sum(r[k] * r["calls"] for r in rows) for k in ("cudnn_ms", "cudnn_benchmark_ms")}
+        line = (f"x{calls:2d} in {xs} w {ws} s{stride[0]}: cuDNN {heur * 1e3:7.1f} us ({r['cudnn_tflops']:4.0f} "
+                f"TFLOP/s)  benchmark {bench * 1e3:7.1f} us  benchmark all {bench_all * 1e3:7.1f} us")
+        if linear:
+            line += f"  as GEMM {linear * 1e3:7.1f} us"
+        if im2col:
+            line += f"  im2col + GEMM {im2col * 1e3:7.1f} us"
+        if tuned is not None:
+            line += f"  max-autotune {tuned * 1e3:7.1f} us (err {err:.1e})"
+        print(line, flush=True)
+    tot = {k: sum(r[k] * r["calls"] for r in rows)
+           for k in ("cudnn_ms", "cudnn_benchmark_ms", "cudnn_benchmark_all_ms")}
     tot["one_by_one_cudnn_ms"] = sum(r["cudnn_ms"] * r["calls"] for r in rows if r["linear_ms"])
     tot["one_by_one_gemm_ms"] = sum(r["linear_ms"] * r["calls"] for r in rows if r["linear_ms"])
     tot["best_3x3_cudnn_or_im2col_ms"] = sum(min(r["cudnn_ms"], r["im2col_ms"] or 1e9) * r["calls"] for r in rows)
     if not args.no_autotune:
         tot["autotune_ms"] = sum(r["autotune_ms"] * r["calls"] for r in rows)
-        tot["best_ms"] = sum(min(t for t in (r["cudnn_ms"], r["cudnn_benchmark_ms"], r["linear_ms"], r["im2col_ms"],
-                                                      r["autotune_ms"])
-                                 if t is not None) * r["calls"] for r in rows)
+        columns = ("cudnn_ms", "cudnn_benchmark_ms", "cudnn_benchmark_all_ms", "linear_ms", "im2col_ms", "autotune_ms")
+        tot["best_ms"] = sum(min(r[c] for c in columns if r[c] is not None) * r["calls"] for r in rows)
     print("per U-Net call (ms):", {k: round(v, 3) for k, v in tot.items()})
     Path(args.out).write_text(json.dumps({"batch": args.batch, "side": args.side, "torch": torch.__version__,
                                           "cudnn": torch.backends.cudnn.version(),

@@ -185,3 +185,44 @@ class Table:
         self.rows.append(row)
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         return row
+
+
+def in_fresh_thread(fn, *args, cudnn: dict | None = None):
+    """``fn(*args)`` in a new thread, with the ``torch.backends.cudnn`` attributes in ``cudnn`` (e.g.
+    ``{"benchmark": True, "benchmark_limit": 0}``) set for its duration; returns its result or re-raises its
+    exception here.
+
+    PyTorch keeps the cuDNN convolution plans it picked in a thread-local cache (aten/src/ATen/native/cudnn/
+    Conv_v8.cpp, ``thread_local BenchmarkCache``) keyed by shapes, dtypes, alignment, ``deterministic`` and
+    ``allow_tf32``, but not by ``cudnn.benchmark``. In one thread, a shape once run with the heuristics' plan keeps
+    it after ``cudnn.benchmark = True`` (and the other way round). A fresh thread starts with an empty cache, so each
+    variant compiled, warmed up and captured in its own thread gets the plans its own flags choose. CUDA graphs
+    captured there replay from any thread. (Not ``torch.backends.cudnn.flags``: its defaults switch cuDNN off.)"""
+    import threading
+
+    backend = torch.backends.cudnn
+    for key in cudnn or {}:
+        if key not in ("benchmark", "benchmark_limit", "deterministic", "allow_tf32"):
+            raise ValueError(f"cudnn.{key}: not a flag this helper sets (benchmark, benchmark_limit, deterministic, "
+                             "allow_tf32)")
+    box: dict = {}
+
+    def run():
+        try:
+            box["out"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 (handed to the caller)
+            box["err"] = e
+
+    old = {k: getattr(backend, k) for k in cudnn or {}}
+    try:
+        for k, v in (cudnn or {}).items():
+            setattr(backend, k, v)
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+    finally:
+        for k, v in old.items():
+            setattr(backend, k, v)
+    if "err" in box:
+        raise box["err"]
+    return box["out"]

@@ -34,6 +34,9 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=40, help="how many kernels to list (default: %(default)s)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="torch.backends.cudnn.benchmark = True: time each convolution's algorithms at the first call")
+    ap.add_argument("--benchmark-limit", type=int, default=10,
+                    help="with --cudnn-benchmark: how many of cuDNN's engine configurations to time per convolution, "
+                         "0 for all (torch.backends.cudnn.benchmark_limit; default: %(default)s, PyTorch's)")
     ap.add_argument("--trace", default="", help="also write the profiled calls' Chrome trace here (kernel grids)")
     ap.add_argument("--code", default="",
                     help="also copy Inductor's generated module(s) for the U-Net here (the Triton kernels' source)")
@@ -59,6 +62,7 @@ def main() -> int:
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir = tempfile.mkdtemp(prefix="inductor_")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    torch.backends.cudnn.benchmark_limit = args.benchmark_limit
     if args.plain_cat:
         import ldm.unet
 
@@ -113,7 +117,8 @@ def main() -> int:
     total = sum(per_kind.values()) / args.calls / 1e3
     n = n_kernels / args.calls
     lines = [f"# SD1.5 U-Net call, batch {args.batch}, {args.side}x{args.side} latents, bf16, cudnn.benchmark="
-             f"{args.cudnn_benchmark}, skip cat {'plain' if args.plain_cat else 'channels-last'}"
+             f"{args.cudnn_benchmark} (limit {args.benchmark_limit}), "
+             f"skip cat {'plain' if args.plain_cat else 'channels-last'}"
              + (f", inductor {' '.join(args.inductor)}" if args.inductor else ""),
              f"# speed: {applied.describe()}",
              f"kernels per call {n:.0f}; kernel time {total:.2f} ms per call; CUDA-graph replay {replay:.2f} ms "
