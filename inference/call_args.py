@@ -2,8 +2,9 @@
 what it must be, before any work."""
 from __future__ import annotations
 
-import math
 from typing import Sequence
+
+from ldm.checks import check_int, check_number  # noqa: F401 (re-exported: inference/pipeline.py)
 
 MAX_SEED = 2**64  # torch.Generator.manual_seed takes [0, 2**64)
 
@@ -14,19 +15,6 @@ def str_list(name: str, value) -> list[str]:
     if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
         return list(value)
     raise ValueError(f"{name}: must be a str or a sequence of str, got {type(value).__name__}")
-
-
-def check_int(name: str, value, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}: must be an integer {allowed}, got {value!r}")
-
-
-def check_number(name: str, value, low: float, high: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}: must be a number {allowed}, got {value!r}")
 
 
 def seed_list(seed, total: int) -> list[int] | None:

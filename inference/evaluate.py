@@ -29,6 +29,8 @@ import textwrap
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from ldm.checks import check_int
+
 from . import cifar_eval  # the cifar10 suite (imports nothing heavy at import time)
 
 GRID_TILE = 128  # px: each image of a labelled grid is scaled (nearest neighbour) to this side
@@ -48,8 +50,7 @@ def generate_images(pipe, prompts: Sequence[str], *, seeds: Sequence[int], sampl
     prompts, seeds = list(prompts), list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"seeds: one per prompt ({len(prompts)}), got {len(seeds)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     side = pipe.default_size[0] if resolution is None else resolution
     kwargs = dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, width=side, height=side, n=1)
     if teleport:

@@ -29,6 +29,8 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from .checks import check_int
+
 
 def _shadow_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else dtype
@@ -52,8 +54,7 @@ class EMA:
             raise ValueError(f"decay: must lie in [0, 1], got {decay}")
         if not 0.0 <= min_decay <= decay:
             raise ValueError(f"min_decay: must lie in [0, decay={decay}], got {min_decay}")
-        if not isinstance(update_after_step, int) or isinstance(update_after_step, bool) or update_after_step < 0:
-            raise ValueError(f"update_after_step: must be an integer >= 0, got {update_after_step!r}")
+        check_int("update_after_step", update_after_step, 0)
         if power is not None and not power > 0:
             raise ValueError(f"power: must be > 0 (or None for the (1 + s) / (10 + s) warm-up), got {power}")
         if not inv_gamma > 0:

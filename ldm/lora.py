@@ -37,6 +37,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .checks import check_int
+
 
 @dataclass
 class LoRAConfig:
@@ -47,8 +49,7 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)  # YAML hands in lists
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"lora.rank: must be an integer >= 1, got {self.rank!r}")
+        check_int("lora.rank", self.rank, 1)
         if not self.alpha > 0:
             raise ValueError(f"lora.alpha: must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:

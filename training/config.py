@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from autoencoder.loss import VAELossConfig
+from ldm.checks import check_int
 from ldm.conditions.spec import ConditionSpec, check_specs
 from ldm.config import ConfigError, check_choices, choice, load_config, parse_overrides
 from ldm.lora import LoRAConfig
@@ -161,8 +162,7 @@ class LRScheduleConfig:
 
     def __post_init__(self) -> None:
         check_choices(self, "lr_schedule")
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
-            raise ValueError(f"lr_schedule.warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
+        check_int("lr_schedule.warmup_steps", self.warmup_steps, 0)
         if not _is_num(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"lr_schedule.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio!r}")
 
@@ -189,8 +189,7 @@ class EMAConfig:
     def __post_init__(self) -> None:
         if not _is_num(self.decay) or not 0 < self.decay < 1:
             raise ValueError(f"ema.decay: must be in (0, 1), got {self.decay!r}")
-        if not _is_int(self.update_after_step) or self.update_after_step < 0:
-            raise ValueError(f"ema.update_after_step: must be an integer >= 0, got {self.update_after_step!r}")
+        check_int("ema.update_after_step", self.update_after_step, 0)
 
 
 @dataclass
@@ -234,8 +233,7 @@ class ValidationConfig:
         self.prompts = list(self.prompts)
         for name in ("every", "images_per_prompt", "recon_images"):
             low = 0 if name in ("every", "recon_images") else 1
-            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
-                raise ValueError(f"validation.{name}: must be an integer >= {low}, got {getattr(self, name)!r}")
+            check_int(f"validation.{name}", getattr(self, name), low)
         if self.resolution is not None:
             r = self.resolution
             items = [r] if _is_int(r) else list(r) if isinstance(r, (list, tuple)) else None
@@ -290,8 +288,7 @@ class TrainConfig:
         for name, low in (("batch_size", 1), ("grad_accum", 1), ("max_steps", 1), ("seed", 0), ("log_every", 1),
                           ("checkpoint_every", 0), ("keep_last", 0), ("max_consecutive_skips", 1),
                           ("dist_timeout_s", 1)):  # fmt: skip
-            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
-                raise ValueError(f"{name}: must be an integer >= {low}, got {getattr(self, name)!r}")
+            check_int(name, getattr(self, name), low)
         if self.grad_clip is not None and (not _is_num(self.grad_clip) or self.grad_clip <= 0):
             raise ValueError(f"grad_clip: must be a number > 0 or null, got {self.grad_clip!r}")
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():

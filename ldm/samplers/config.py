@@ -12,6 +12,7 @@ from typing import Optional
 
 from torch import Tensor
 
+from ..checks import check_int
 from ..config import check_choices, choice
 from ..schedule import CONVENTIONS, SIGMA_SPACINGS, TIMESTEP_SPACINGS, DiscreteSchedule
 
@@ -52,10 +53,8 @@ class SamplerConfig:
         if self.name not in SAMPLERS:
             raise ValueError(f"sampler.name: unknown sampler {self.name!r}; allowed: {', '.join(sorted(SAMPLERS))}")
         check_choices(self, "sampler")
-        if not _is_int(self.steps) or self.steps < 1:
-            raise ValueError(f"sampler.steps: must be an integer >= 1, got {self.steps!r}")
-        if not _is_int(self.steps_offset) or self.steps_offset < 0:
-            raise ValueError(f"sampler.steps_offset: must be an integer >= 0, got {self.steps_offset!r}")
+        check_int("sampler.steps", self.steps, 1)
+        check_int("sampler.steps_offset", self.steps_offset, 0)
         if not self.rho > 0:
             raise ValueError(f"sampler.rho: must be > 0, got {self.rho!r}")
         if self.convention is not None and self.convention not in CONVENTIONS:
