@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.perf_measure import randomize_
 from ldm.conditioning import Cond
 from ldm.norm_nhwc import ChannelsLastGroupNorm, group_norm_nhwc, set_nhwc_group_norm
 from ldm.norms import LowPrecisionGroupNorm
@@ -170,8 +171,7 @@ def test_speed_switch_on_the_unet():
     assert SpeedConfig(compile="default", nhwc_group_norm=True).resolve("cuda").nhwc_group_norm
     with pytest.raises(ValueError, match=r"speed\.nhwc_group_norm"):
         SpeedConfig(nhwc_group_norm="yes")
-    torch.manual_seed(5)
-    unet = UNet(UNetConfig.sd15().tiny())
+    unet = randomize_(UNet(UNetConfig.sd15().tiny()), seed=5)  # random everywhere: the zero-init convs would hide it
     n_gn = sum(type(m) is nn.GroupNorm for m in unet.modules())
     x, t, cond = torch.randn(2, 4, 16, 16), torch.tensor([500, 20]), Cond(context=torch.randn(2, 7, 24))
     apply_speed(unet, SpeedConfig(channels_last=True))
@@ -181,6 +181,24 @@ def test_speed_switch_on_the_unet():
     _close(unet(x, t, cond), before)
     remove_speed(unet)
     assert sum(type(m) is nn.GroupNorm for m in unet.modules()) == n_gn
+
+
+def test_training_gradients_of_the_unet_match():
+    """Compiled CUDA training turns the switch on by auto: a channels-last tiny U-Net with it gives the plain one's
+    parameter gradients (fp32, eager; the norm's own gradients are checked against fp64 above)."""
+    unet = randomize_(UNet(UNetConfig.sd15().tiny()), seed=6)  # random everywhere: the zero-init convs would hide it
+    x, t, cond = torch.randn(2, 4, 16, 16), torch.tensor([500, 20]), Cond(context=torch.randn(2, 7, 24))
+    grads = []
+    for on in (False, True):
+        apply_speed(unet, SpeedConfig(channels_last=True, nhwc_group_norm=on), training=True)
+        assert unet.speed.nhwc_group_norm is on
+        unet.zero_grad(set_to_none=True)
+        unet(x, t, cond).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None})
+    remove_speed(unet)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, g in grads[0].items():
+        _close(grads[1][name], g, rtol=2e-5)  # fp32: two summation orders through ~20 layers
 
 
 def test_the_cli_builds_it():
