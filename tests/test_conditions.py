@@ -517,10 +517,16 @@ def test_widened_unet_computes_what_the_trained_one_did():
 def test_a_new_input_condition_fine_tunes_a_trained_model(tmp_path):
     """A class label added to a trained checkpoint: the U-Net's vector input appears (zero last layer), the run
     starts from the loaded model's exact predictions, and the label embedding trains."""
+    from bench.perf_measure import randomize_
     from training.train import build_bundle, train
 
     train(tiny_config(tmp_path / "base", "max_steps=1"))
     src = tmp_path / "base" / "model"
+    # one step moves, of the zero-initialised layers, only the output conv (a zero conv passes no gradient back): the
+    # ResBlocks' last convs, the new label embedding's only way to the output, would still be 0. Random U-Net weights
+    trained = load_bundle(src)
+    randomize_(trained.unet, seed=5)
+    save_bundle(trained, src)
     cfg = tiny_config(tmp_path / "ft", f"model.source={src}", "model.overrides=[]", "max_steps=3", "ema=null",
                       "conditions=[{type: class_label, name: count, column: n_objects, args: {num_classes: 3}}]")  # fmt: skip
     start = build_bundle(cfg)

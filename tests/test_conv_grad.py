@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from bench.perf_measure import randomize_
 from ldm.conditioning import Cond
 from ldm.conv_grad import ChannelsLastGradConv2d, conv2d_backward, set_channels_last_grads
 from ldm.lora import LoRAConfig, inject_lora
@@ -151,10 +152,12 @@ def test_speed_switch():
     with pytest.raises(ValueError, match=r"speed\.channels_last_grads"):
         SpeedConfig(channels_last_grads="yes")
     torch.manual_seed(5)
-    unet = UNet(UNetConfig.sd15().tiny())
+    # random weights: a fresh U-Net's zero-initialised output convolutions would make both outputs 0
+    unet = randomize_(UNet(UNetConfig.sd15().tiny()), seed=5)
     n_conv = sum(type(m) is nn.Conv2d for m in unet.modules())
     x, t, cond = torch.randn(1, 4, 16, 16), torch.tensor([500]), Cond(context=torch.randn(1, 7, 24))
     before = unet(x, t, cond)
+    assert before.abs().max() > 0.1  # the switched convolutions shape the output
     apply_speed(unet, SpeedConfig(channels_last_grads=True), training=True)
     assert sum(type(m) is ChannelsLastGradConv2d for m in unet.modules()) == n_conv > 0
     torch.testing.assert_close(unet(x, t, cond), before, rtol=0, atol=0)
