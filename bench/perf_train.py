@@ -172,8 +172,8 @@ def train_case(plan: Plan, table: Table, case: str, res: int, batch: int, ours_s
     if ref_benchmark:  # cudnn.benchmark, the process-wide switch anyone can set; in a thread of its own, since
         # PyTorch's cuDNN plan cache is per thread and ignores the flag (before the eleventh session this row reused
         # the plans the row above had cached, so it timed the same kernels)
-        b_row, _ = in_fresh_thread(measure, "eager, fused AdamW + cuDNN benchmark", "diffusers", build_ref, ref_call,
-                                   flops, None, True)  # fmt: skip
+        b_row, _ = in_fresh_thread(lambda: measure("eager, fused AdamW + cuDNN benchmark", "diffusers", build_ref,
+                                                   ref_call, flops, benchmark=True))  # fmt: skip
         b_row["ratio_img_s"] = b_row["img_s"] / d_row["img_s"]
         table.add(**b_row)
     for label, spec in ours_specs.items():
