@@ -38,6 +38,9 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
                    "FlashAttention-4 for the long self-attention, needs pip install flash-attn-4)")
     for flag, what in _ON_OFF_FLAGS:
         g.add_argument(f"--{flag}", default="auto", metavar="auto|on|off", help=f"{what} (default: %(default)s)")
+    g.add_argument("--conv-plans", default=None, metavar="FILE",
+                   help="cuDNN convolution kernels measured for this GPU (a plans file of bench/cudnn_knobs.py "
+                        "--write-plans; needs pip install nvidia-cudnn-frontend; CUDA only; default: off)")
 
 
 def speed_config(args: argparse.Namespace):
@@ -54,7 +57,7 @@ def speed_config(args: argparse.Namespace):
         _choice(f"--{flag}", value, tuple(tri))
         flags[flag.replace("-", "_")] = tri[value]
     try:
-        return SpeedConfig(attention_kernel=args.attention_kernel, compile=mode, **flags)
+        return SpeedConfig(attention_kernel=args.attention_kernel, compile=mode, conv_plans=args.conv_plans, **flags)
     except ValueError as e:  # "speed.cuda_graphs: ..." -> "--cuda-graphs: ..."
         key, _, rest = str(e).partition(": ")
         flag = {"compile": "compile-mode"}.get(key.removeprefix("speed."), key.removeprefix("speed.")).replace("_", "-")

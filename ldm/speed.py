@@ -98,6 +98,7 @@ from .config import check_choices, choice
 from .conditioning import Cond
 from .conv_grad import set_channels_last_grads
 from .group_norm_triton import TRITON, set_triton_group_norm
+from .conv_plans import require_plans, set_conv_plans
 from .norm_nhwc import set_nhwc_group_norm
 from .norms import set_low_precision_norms
 
@@ -120,6 +121,7 @@ class SpeedConfig:
     channels_last_grads: Optional[bool] = None  # None: auto (CUDA, compiled channels-last training)
     nhwc_group_norm: Optional[bool] = None  # None: auto (CUDA inference, compiled)
     triton_group_norm: Optional[bool] = None  # None: auto (CUDA inference, not compiled)
+    conv_plans: Optional[str] = None  # a plans file of bench/cudnn_knobs.py: measured cuDNN kernels (CUDA inference)
 
     def __post_init__(self) -> None:
         check_choices(self, "speed")
@@ -127,6 +129,8 @@ class SpeedConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise ValueError(f"speed.{name}: must be true, false or null (auto), got {v!r}")
+        if self.conv_plans is not None and not isinstance(self.conv_plans, str):
+            raise ValueError(f"speed.conv_plans: must be a file name or null, got {self.conv_plans!r}")
         if self.cuda_graphs and self.compile == "reduce-overhead":
             raise ValueError("speed.cuda_graphs: compile=reduce-overhead already captures CUDA graphs; set "
                              "speed.cuda_graphs=false or another speed.compile mode")  # fmt: skip
@@ -139,6 +143,11 @@ class SpeedConfig:
                              "null) for training, or compile=reduce-overhead")  # fmt: skip
         if not cuda and self.cuda_graphs:
             raise ValueError(f"speed.cuda_graphs: needs a CUDA device, the U-Net is on {device}")
+        if self.conv_plans and training:
+            raise ValueError("speed.conv_plans: measured cuDNN plans are for inference (no gradients); leave it unset "
+                             "for training")  # fmt: skip
+        if self.conv_plans and not cuda:
+            raise ValueError(f"speed.conv_plans: cuDNN plans need a CUDA device, the U-Net is on {device}")
         compiled = self.compile != "none"
         kernel = self.attention_kernel
         if kernel in ("fastest", "fa4") and not cuda:
@@ -163,6 +172,7 @@ class SpeedConfig:
             channels_last_grads=_auto(self.channels_last_grads, cuda and training and channels_last and compiled),
             nhwc_group_norm=_auto(self.nhwc_group_norm, cuda and compiled and not triton_gn),
             triton_group_norm=triton_gn,
+            conv_plans=self.conv_plans or None,
         )
 
 
@@ -185,6 +195,7 @@ class ResolvedSpeed:
     fused_context_kv: bool = False
     shared_latent: bool = False
     triton_group_norm: bool = False
+    conv_plans: Optional[str] = None
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
@@ -235,6 +246,8 @@ def apply_speed(unet: nn.Module, cfg: SpeedConfig | None = None, *, training: bo
         set_nhwc_group_norm(unet, True)
     if r.channels_last_grads:
         set_channels_last_grads(unet, True)
+    if r.conv_plans:  # the file, the package, the GPU and cuDNN checked here, before any compilation
+        set_conv_plans(unet, require_plans(r.conv_plans, device))
     if r.channels_last:
         unet.to(memory_format=torch.channels_last)
     if r.compile != "none" and hasattr(unet, "_forward"):
@@ -289,6 +302,8 @@ def remove_speed(unet: nn.Module) -> None:
         set_low_precision_norms(unet, False)
     if unet.speed.channels_last_grads:
         set_channels_last_grads(unet, False)
+    if unet.speed.conv_plans:
+        set_conv_plans(unet, None)
     if unet.speed.channels_last:
         unet.to(memory_format=torch.contiguous_format)
     if unet.speed.attention_kernel is not None and hasattr(unet, "set_attention_backend"):
