@@ -353,6 +353,9 @@ def main(argv=None) -> int:
     add_inductor_flag(ap)  # both libraries' compilations
     ap.add_argument("--attention-kernel", default="fastest", choices=ATTENTION_KERNELS,
                     help="our attention kernel wherever a variant uses the default 'fastest' (e.g. fa4)")
+    ap.add_argument("--conv-plans", default=None, metavar="FILE",
+                    help="our inference variants run the measured cuDNN convolution plans of FILE (speed.conv_plans; "
+                         "bench/cudnn_knobs.py --write-plans)")
     ap.add_argument("--no-e2e-compile", action="store_true", help="skip the compiled end-to-end variant (~1 min)")
     args = ap.parse_args(argv)
     cases = [c.strip() for c in args.only.split(",") if c.strip()]
@@ -363,7 +366,8 @@ def main(argv=None) -> int:
     quick = args.quick or args.tiny
     plan = Plan(device=device, dtype=torch.bfloat16, tiny=args.tiny, warmup=1 if quick else 5,
                 reps=3 if quick else args.reps, train_reps=3 if quick else args.train_reps, peak=args.peak,
-                tol=args.tol, variants=args.variants, attention_kernel=args.attention_kernel)  # fmt: skip
+                tol=args.tol, variants=args.variants, attention_kernel=args.attention_kernel,
+                conv_plans=args.conv_plans)  # fmt: skip
     train = [c for c in cases if c.startswith("train")]
     labels = [lb for c in train for lb in (TRAIN_COMPILE if c.endswith("_compile") else TRAIN_EAGER)]
     for v in plan.variant_filters():  # a filter that matches nothing would skip every row of ours without a word
@@ -379,7 +383,7 @@ def main(argv=None) -> int:
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "diffusers": diffusers.__version__, "cases": cases, "reps": plan.reps,
             "train_reps": plan.train_reps, "inductor": args.inductor,
-            "attention_kernel": args.attention_kernel}  # fmt: skip
+            "attention_kernel": args.attention_kernel, "conv_plans": args.conv_plans}  # fmt: skip
     print(json.dumps(meta), flush=True)
     runs = {
         "unet_b2": lambda: unet_case(plan, table, "unet_b2", "sd15", 2, 64, unet_variants(True), False),

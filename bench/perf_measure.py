@@ -29,6 +29,7 @@ class Plan:
     tol: float
     variants: str = ""  # training cases: only our variants whose label contains this (empty: all)
     attention_kernel: str = "fastest"  # --attention-kernel: replaces "fastest" in our speed configs
+    conv_plans: str | None = None  # --conv-plans: measured cuDNN convolution plans in our inference configs
 
     def variant_filters(self) -> list[str]:
         """--variants split at "|" (empty: no filter)."""
@@ -41,16 +42,21 @@ class Plan:
     def _replaces_fastest(self, spec: dict) -> bool:
         return spec.get("attention_kernel", "fastest") == "fastest"
 
-    def speed(self, spec: dict) -> SpeedConfig:
-        """Our SpeedConfig for a variant, with this run's attention kernel where the variant asks for the fastest."""
+    def speed(self, spec: dict, training: bool = False) -> SpeedConfig:
+        """Our SpeedConfig for a variant, with this run's attention kernel where the variant asks for the fastest
+        and, at inference, this run's convolution plans (``speed.conv_plans`` is inference only)."""
         if self._replaces_fastest(spec):
             spec = dict(spec, attention_kernel=self.attention_kernel)
+        if self.conv_plans and not training:
+            spec = dict(spec, conv_plans=self.conv_plans)
         return SpeedConfig(**spec)
 
-    def label(self, label: str, spec: dict) -> str:
+    def label(self, label: str, spec: dict, training: bool = False) -> str:
         """A row's variant label, naming this run's attention kernel where it replaced the fastest (``speed``)."""
         if self.attention_kernel != "fastest" and self._replaces_fastest(spec):
-            return f"{label} [attention_kernel={self.attention_kernel}]"
+            label = f"{label} [attention_kernel={self.attention_kernel}]"
+        if self.conv_plans and not training:
+            label = f"{label} [conv_plans]"
         return label
 
     def unet_cfg(self, name: str) -> UNetConfig:

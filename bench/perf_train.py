@@ -184,10 +184,10 @@ def train_case(plan: Plan, table: Table, case: str, res: int, batch: int, ours_s
             with torch.device(plan.device):
                 m = UNet(cfg)
             m.load_state_dict(diffusers_to_ours(state, cfg))
-            apply_speed(m, plan.speed(spec), training=True)
+            apply_speed(m, plan.speed(spec, training=True), training=True)
             return m
 
-        row, _ = measure(plan.label(label, spec), "ours", build_ours, lambda m, x, t: m(x, t, Cond(context=context)), flops, spec)
+        row, _ = measure(plan.label(label, spec, training=True), "ours", build_ours, lambda m, x, t: m(x, t, Cond(context=context)), flops, spec)
         row["ratio_img_s"] = row["img_s"] / d_row["img_s"]
         row["peak_ratio"] = row["peak_gib"] / d_row["peak_gib"] if d_row["peak_gib"] == d_row["peak_gib"] else None
         table.add(**row)

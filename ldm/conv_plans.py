@@ -7,8 +7,10 @@ shape of a U-Net call and writes the winners to a plans file; with ``speed.conv_
 ``nn.Conv2d`` whose (input, weight, stride, padding, dtype) has a plan runs it through the ``nvidia-cudnn-frontend``
 package (``pip install nvidia-cudnn-frontend``); every other call stays ``F.conv2d``.
 
-Measured on one H200 (BENCHMARKS.md, twelfth session, the SD 1.5 CFG batch): the 64x64-level 320 -> 320 3x3
-convolution 34.2 -> 31.1 us, 640 -> 640 101.7 -> 87.3 us; over the call's convolutions ~0.19 of 2.2 ms.
+Measured on one H200 (BENCHMARKS.md, twelfth session, the SD 1.5 CFG batch, ``bench/plans/h200_cudnn91900_sd15_b2.json``):
+alone, the 64x64-level 320 -> 320 3x3 convolution 34.2 -> 31.1 us, 640 -> 640 101.7 -> 87.3 us, the 8x8 level's
+23.4 -> 19.5 us (cuDNN's split-K), 0.22 of the call's 2.2 ms of convolutions; in the compiled CFG step 5.70 -> 5.60 ms
+(5.54 ms with FA4).
 
 A plan file (JSON) is tied to the GPU and the cuDNN version it was measured with (kernel configuration numbers are
 cuDNN's own); loading it elsewhere is an error that says so. Format::
@@ -146,14 +148,15 @@ def _handle(device: int):
     return handles[device]
 
 
-_plans: dict[tuple, tuple] = {}  # (shapes, strides, dtype, stride, padding, engine, knobs, device) -> built graph
+_plans: dict[tuple, tuple] = {}  # (shapes, strides, dtype, stride, padding, engine, knobs, device, thread) -> graph
 
 
 def _built(x: Tensor, w: Tensor, y: Tensor, stride: int, padding: int, engine: int, knobs: str):
     """The cuDNN graph with one execution plan, (engine, knobs), built once per shape: (graph, X, W, Y, workspace)."""
     import cudnn  # noqa: PLC0415
 
-    key = (x.shape, x.stride(), w.shape, w.stride(), x.dtype, stride, padding, engine, knobs, x.device.index)
+    key = (x.shape, x.stride(), w.shape, w.stride(), x.dtype, stride, padding, engine, knobs, x.device.index,
+           threading.get_ident())  # a plan runs on the handle it was built with: one per thread
     if key in _plans:
         return _plans[key]
     dt = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF,
