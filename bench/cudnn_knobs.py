@@ -150,7 +150,8 @@ def sweep_shape(cudnn, handle, xs, ws, iters: int, max_per_engine: int, budget: 
                         "workspace": need})
     results.sort(key=lambda r: r["us"])
     flops = 2 * ref.numel() * ws[1] * 9
-    return {"input": xs, "weight": ws, "stride": stride, "padding": pad, "torch_us": torch_us, "torch_tflops": flops / torch_us / 1e6,
+    return {"input": xs, "weight": ws, "stride": stride, "padding": pad, "torch_us": torch_us,
+            "torch_tflops": flops / torch_us / 1e6,
             "engines": engines, "knobs": {str(k): v for k, v in knob_info.items()}, "configs": len(configs),
             "tried": created, "failed": failed, "timed": len(results), "seconds": time.time() - t0,
             "best": results[:15], "errors": errors}

@@ -5,12 +5,13 @@ heuristics list. cuDNN has more: its Hopper implicit-GEMM engine takes a kernel 
 (tile shapes, cluster shapes) and a split-K knob. ``bench/cudnn_knobs.py`` times every setting for each convolution
 shape of a U-Net call and writes the winners to a plans file; with ``speed.conv_plans=FILE`` each plain
 ``nn.Conv2d`` whose (input, weight, stride, padding, dtype) has a plan runs it through the ``nvidia-cudnn-frontend``
-package (``pip install nvidia-cudnn-frontend``); every other call stays ``F.conv2d``.
+package (``pip install '.[cudnn-plans]'``); every other call stays ``F.conv2d``.
 
-Measured on one H200 (BENCHMARKS.md, twelfth session, the SD 1.5 CFG batch, ``bench/plans/h200_cudnn91900_sd15_b2.json``):
-alone, the 64x64-level 320 -> 320 3x3 convolution 34.2 -> 31.1 us, 640 -> 640 101.7 -> 87.3 us, the 8x8 level's
-23.4 -> 19.5 us (cuDNN's split-K), 0.22 of the call's 2.2 ms of convolutions; in the compiled CFG step 5.70 -> 5.60 ms
-(5.54 ms with FA4).
+Measured on one H200 (BENCHMARKS.md, twelfth session; the SD 1.5 CFG batch, the bundled
+``bench/plans/h200_cudnn91900_sd15_b2.json``): alone, the 64x64-level 320 -> 320 3x3 convolution 34.2 -> 31.1 us,
+640 -> 640 101.7 -> 87.3 us, the 8x8 level's 23.4 -> 19.5 us (cuDNN's split-K): 0.22 of the call's 2.2 ms of
+convolutions; in the compiled CFG step 5.70 -> 5.60 ms (5.54 ms with FA4). The pip package is pinned to 1.16.0 in
+the ``cudnn-plans`` extra, the version measured.
 
 A plan file (JSON) is tied to the GPU and the cuDNN version it was measured with (kernel configuration numbers are
 cuDNN's own); loading it elsewhere is an error that says so. Format::
@@ -123,7 +124,7 @@ def require_plans(path: str | Path, device: torch.device) -> dict:
     error = frontend_import_error()
     if error is not None:
         raise RuntimeError(f"speed.conv_plans: the nvidia-cudnn-frontend package does not import ({error}); pip "
-                           "install nvidia-cudnn-frontend, or leave speed.conv_plans unset")  # fmt: skip
+                           "install nvidia-cudnn-frontend==1.16.0, or leave speed.conv_plans unset")  # fmt: skip
     gpu, version = torch.cuda.get_device_name(device), torch.backends.cudnn.version()
     if header["gpu"] != gpu or header["cudnn"] != version:
         raise ValueError(f"speed.conv_plans: {path} was measured on {header['gpu']} with cuDNN {header['cudnn']}; "
