@@ -210,6 +210,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--all-shapes", action="store_true",
                     help="every convolution shape of the U-Net call (bench/conv_shapes.py), not only the 64x64 level")
+    ap.add_argument("--shape-range", default=None, metavar="A:B",
+                    help="with --all-shapes: only shapes A to B-1 of its sorted list, to split a full sweep over calls")
     ap.add_argument("--engines", default="", help="comma-separated engine ids to sweep (default: all)")
     ap.add_argument("--write-plans", default=None, metavar="FILE",
                     help="write each shape's fastest plan that beats F.conv2d by --min-gain as a plans file for "
@@ -225,6 +227,14 @@ def main() -> int:
         if not args.write_plans:
             ap.error("--from-results needs --write-plans FILE")
         return merge(ap, args.from_results, args.write_plans, args.min_gain)
+    span = None
+    if args.shape_range:
+        lo, sep, hi = args.shape_range.partition(":")
+        if not args.all_shapes:
+            ap.error("--shape-range needs --all-shapes")
+        if not sep or not lo.isdigit() or not hi.isdigit() or int(lo) >= int(hi):
+            ap.error(f"--shape-range: expected A:B with A < B, got {args.shape_range!r}")
+        span = int(lo), int(hi)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     try:
@@ -241,6 +251,8 @@ def main() -> int:
         from bench.conv_shapes import conv_shapes
 
         shapes = [(xs, ws, st[0], calls) for (xs, ws, st, _pad), calls in sorted(conv_shapes(2, 64).items())]
+        if span:
+            shapes = shapes[span[0] : span[1]]
     engines_only = {int(e) for e in args.engines.split(",") if e} or None
     saved = total = 0.0
     for xs, ws, stride, calls in shapes:
