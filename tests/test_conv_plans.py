@@ -237,3 +237,11 @@ def test_bench_winners_and_merge(tmp_path, monkeypatch):
     header, table = cp.load_plans(out)
     assert header == {"gpu": "G", "cudnn": 1}
     assert table == {((2, 8, 6, 6), (4, 8, 3, 3), 1, 1, torch.bfloat16): (72, {"KERNEL_CFG": 1})}  # 8.5 us < 9.0
+
+
+def test_training_config_refuses_conv_plans_before_any_work():
+    from training.config import load_train_config
+
+    assert load_train_config(None, []).speed.conv_plans is None
+    with pytest.raises(ValueError, match=r"speed\.conv_plans: inference only"):
+        load_train_config(None, [f"speed.conv_plans={BUNDLED}"])

@@ -302,7 +302,7 @@ class TrainConfig:
             raise ValueError("train_text_encoder: cannot be combined with lora (LoRA adapts the U-Net only); "
                              "set one of train_text_encoder=false or lora=null")  # fmt: skip
         inference_only = ("cuda_graphs", "fused_qkv", "fused_emb", "fused_context_kv", "shared_latent",
-                          "triton_group_norm")
+                          "triton_group_norm", "conv_plans")
         key = next((k for k in inference_only if getattr(self.speed, k)), None)
         if key is not None:
             raise ValueError(f"speed.{key}: inference only (no gradients through it); leave speed.{key} null for "
