@@ -30,9 +30,11 @@ from __future__ import annotations
 import functools
 import json
 import threading
+import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 FORMAT = "ldm-conv-plans/1"
@@ -153,13 +155,24 @@ _plans: dict[tuple, tuple] = {}  # (shapes, strides, dtype, stride, padding, eng
 
 
 def _built(x: Tensor, w: Tensor, y: Tensor, stride: int, padding: int, engine: int, knobs: str):
-    """The cuDNN graph with one execution plan, (engine, knobs), built once per shape: (graph, X, W, Y, workspace)."""
-    import cudnn  # noqa: PLC0415
-
+    """The cuDNN graph with one execution plan, (engine, knobs), built once per shape: (graph, X, W, Y, workspace,
+    handle); None where it did not build (warned once, then F.conv2d: a plan is a speed-up, never a failure)."""
     key = (x.shape, x.stride(), w.shape, w.stride(), x.dtype, stride, padding, engine, knobs, x.device.index,
            threading.get_ident())  # a plan runs on the handle it was built with: one per thread
-    if key in _plans:
-        return _plans[key]
+    if key not in _plans:
+        try:
+            _plans[key] = _build(x, w, y, stride, padding, engine, knobs)
+        except Exception as e:  # noqa: BLE001 - the package, the library or the plan itself
+            _plans[key] = None
+            warnings.warn(f"speed.conv_plans: the cuDNN plan (engine {engine}, {knobs}) for input {tuple(x.shape)}, "
+                          f"weight {tuple(w.shape)}, stride {stride} did not build ({type(e).__name__}: {e}); "
+                          "that convolution runs F.conv2d", RuntimeWarning, stacklevel=2)  # fmt: skip
+    return _plans[key]
+
+
+def _build(x: Tensor, w: Tensor, y: Tensor, stride: int, padding: int, engine: int, knobs: str) -> tuple:
+    import cudnn  # noqa: PLC0415
+
     dt = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF,
           torch.float32: cudnn.data_type.FLOAT}[x.dtype]  # fmt: skip
     handle = _handle(x.device.index)
@@ -178,8 +191,7 @@ def _built(x: Tensor, w: Tensor, y: Tensor, stride: int, padding: int, engine: i
         setting[getattr(cudnn.knob_type, name)] = int(value)
     g.create_execution_plan(engine, setting)
     g.build_plan_at_index(0)
-    built = _plans[key] = (g, X, W, Y, g.get_workspace_size_plan_at_index(0), handle)
-    return built
+    return g, X, W, Y, g.get_workspace_size_plan_at_index(0), handle
 
 
 def _out_shape(x: Tensor, w: Tensor, stride: int, padding: int) -> tuple[int, int, int, int]:
@@ -192,12 +204,15 @@ def _out_shape(x: Tensor, w: Tensor, stride: int, padding: int) -> tuple[int, in
 def conv2d_planned(x: Tensor, w: Tensor, stride: int, padding: int, engine: int, knobs: str) -> Tensor:
     """F.conv2d(x, w, stride=stride, padding=padding) (no bias) through cuDNN's ``engine`` with ``knobs``
     ("NAME=VALUE,..."); x (N, C, H, W), w (O, C, k, k), both made NHWC. Returns (N, O, H', W'), NHWC."""
-    import cudnn  # noqa: PLC0415
-
     cl = torch.channels_last
     x, w = x.contiguous(memory_format=cl), w.contiguous(memory_format=cl)
     y = torch.empty(_out_shape(x, w, stride, padding), device=x.device, dtype=x.dtype, memory_format=cl)
-    g, X, W, Y, ws_bytes, handle = _built(x, w, y, stride, padding, engine, knobs)
+    built = _built(x, w, y, stride, padding, engine, knobs)
+    if built is None:
+        return y.copy_(F.conv2d(x, w, stride=stride, padding=padding))
+    import cudnn  # noqa: PLC0415
+
+    g, X, W, Y, ws_bytes, handle = built
     workspace = torch.empty(ws_bytes, device=x.device, dtype=torch.uint8)
     cudnn.set_stream(handle, torch.cuda.current_stream(x.device).cuda_stream)  # the caller's (or capture's) stream
     g.execute_plan_at_index({X: x, W: w, Y: y}, workspace, 0, handle)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -201,7 +202,9 @@ def test_every_bundled_plan_matches_conv2d_on_the_gpu():
         x = torch.randn(xs, device="cuda", dtype=dtype, generator=g)
         w = torch.randn(ws, device="cuda", dtype=dtype, generator=g) / (ws[1] * ws[2] * ws[3]) ** 0.5
         packed = ",".join(f"{k}={v}" for k, v in knobs.items())
-        got = cp.conv2d_planned(x, w, stride, padding, engine, packed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a plan that fell back to F.conv2d would pass unseen
+            got = cp.conv2d_planned(x, w, stride, padding, engine, packed)
         want = F.conv2d(x.double(), w.double(), stride=stride, padding=padding)  # fp64: both kernels' error
         ref = F.conv2d(x, w, stride=stride, padding=padding)
         assert got.shape == ref.shape and got.is_contiguous(memory_format=torch.channels_last)
@@ -245,3 +248,27 @@ def test_training_config_refuses_conv_plans_before_any_work():
     assert load_train_config(None, []).speed.conv_plans is None
     with pytest.raises(ValueError, match=r"speed\.conv_plans: inference only"):
         load_train_config(None, [f"speed.conv_plans={BUNDLED}"])
+
+
+def test_a_plan_that_does_not_build_warns_once_and_runs_conv2d(monkeypatch):
+    """A plan cuDNN rejects (or a missing library) costs the speed-up, never the image: one warning naming the plan
+    and the shape, then F.conv2d for that convolution, without trying to build it again."""
+    tries = []
+
+    def reject(*args):
+        tries.append(args[0].shape)
+        raise RuntimeError("CUDNN_STATUS_NOT_SUPPORTED")
+
+    monkeypatch.setattr(cp, "_build", reject)
+    monkeypatch.setattr(cp, "_plans", {})
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 8, 6, 6), torch.randn(4, 8, 3, 3)
+    with pytest.warns(RuntimeWarning, match=r"engine 72, KERNEL_CFG=54\) for input \(2, 8, 6, 6\).*did not build "
+                                            r"\(RuntimeError: CUDNN_STATUS_NOT_SUPPORTED\).*runs F.conv2d"):
+        y = cp.conv2d_planned(x, w, 1, 1, 72, "KERNEL_CFG=54")
+    torch.testing.assert_close(y, F.conv2d(x, w, padding=1), rtol=0, atol=0)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(cp.conv2d_planned(x, w, 1, 1, 72, "KERNEL_CFG=54"), y, rtol=0, atol=0)
+    assert len(tries) == 1
