@@ -97,8 +97,8 @@ from .attention_fa4 import require_fa4
 from .config import check_choices, choice
 from .conditioning import Cond
 from .conv_grad import set_channels_last_grads
-from .group_norm_triton import TRITON, set_triton_group_norm
 from .conv_plans import require_plans, set_conv_plans
+from .group_norm_triton import TRITON, set_triton_group_norm
 from .norm_nhwc import set_nhwc_group_norm
 from .norms import set_low_precision_norms
 
