@@ -1,17 +1,21 @@
-"""Every cuDNN engine and knob setting (tile sizes, CGA shape, split-K, ...) for the SD 1.5 U-Net's 64x64-level 3x3
-convolutions at the CFG batch, timed alone: does cuDNN have a kernel for them that its heuristics (what PyTorch and
-the compiled U-Net run) and ``cudnn.benchmark`` (which times only the configurations the heuristics list) never
-pick? The 320 -> 320 convolution runs cuDNN's 256x64 tile: 160 tiles on 132 SMs, a second wave of 28
-(BENCHMARKS.md, "What is left"). Needs the ``nvidia-cudnn-frontend`` Python package (1.16: no dependencies).
+"""Every cuDNN engine and knob setting (kernel configuration, tile sizes, cluster shape, split-K, ...) for a
+U-Net's convolutions at the SD 1.5 CFG batch, timed alone: does cuDNN have a kernel that its heuristics (what
+PyTorch and the compiled U-Net run) and ``cudnn.benchmark`` (which times only the configurations the heuristics
+list) never pick? By default the four 64x64-level 3x3 shapes; ``--all-shapes`` every convolution of the call
+(bench/conv_shapes.py). ``--write-plans FILE`` writes the winners for ``speed.conv_plans`` (ldm/conv_plans.py);
+``--from-results`` merges earlier runs' JSON into one without a GPU. Needs the ``nvidia-cudnn-frontend`` Python
+package (1.16: no dependencies).
 
     python bench/cudnn_knobs.py --out $OUT/cudnn_knobs.json
+    python bench/cudnn_knobs.py --all-shapes --engines 72 --shape-range 0:6 --budget 80 --write-plans $OUT/plans.json
 
-Per shape: the operation graph (bf16 NHWC in and out, fp32 accumulation, padding 1) gets one execution plan per
-(engine, knob setting), up to ``--max-per-engine`` settings per engine (all of them when the knobs' product is that
-small, else a seeded sample), inside ``--budget`` seconds. Each plan that builds is timed with CUDA events over 20
-back-to-back calls queued behind a ``torch.cuda._sleep`` (so the Python launch cost is hidden), median of
-``--iters``; PyTorch's ``F.conv2d`` (cuDNN's heuristics) is timed the same way. The five fastest plans are checked
-against ``F.conv2d`` (bf16: max |diff| / max |ref|).
+Per shape: the operation graph that ``speed.conv_plans`` builds (``ldm.conv_plans.conv_graph``: bf16 NHWC in and
+out, fp32 accumulation) gets one execution plan per (engine, knob setting): every value of the kernel and tiling
+knobs, the first four of the long split-K ranges, up to ``--max-per-engine`` settings per engine (a seeded sample
+beyond that), in a random order, inside ``--budget`` seconds. Each plan that builds is checked against ``F.conv2d``
+(bf16: max |diff| / max |ref|) and timed with CUDA events over 20 back-to-back calls queued behind a
+``torch.cuda._sleep`` (so the Python launch cost is hidden), median of ``--iters``; ``F.conv2d`` (cuDNN's
+heuristics) is timed the same way.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldm.conv_plans import conv_graph, write_plans  # noqa: E402
 
 # (input shape, weight shape, calls per U-Net call): the 64x64 level of the SD 1.5 U-Net at batch 2 (stride 1).
 SHAPES = [
@@ -71,25 +77,18 @@ def knob_fields(knob) -> tuple:
     return get("type", "knob_type"), get("min_value", "minValue"), get("max_value", "maxValue"), get("stride")
 
 
-def sweep_shape(cudnn, handle, xs, ws, iters: int, max_per_engine: int, budget: float, seed: int,
+def sweep_shape(handle, xs, ws, iters: int, max_per_engine: int, budget: float, seed: int,
                 stride: int = 1, engines_only: set | None = None) -> dict:
+    fan_in = ws[1] * ws[2] * ws[3]
     x = torch.randn(xs, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(ws, device="cuda", dtype=torch.bfloat16) / (ws[1] * 9) ** 0.5).contiguous(
+    w = (torch.randn(ws, device="cuda", dtype=torch.bfloat16) / fan_in**0.5).contiguous(
         memory_format=torch.channels_last)
     pad = ws[-1] // 2
     ref = F.conv2d(x, w, stride=stride, padding=pad)
     y = torch.empty_like(ref)
     torch_us = time_calls(lambda: F.conv2d(x, w, stride=stride, padding=pad), iters)
 
-    g = cudnn.pygraph(io_data_type=cudnn.data_type.BFLOAT16, intermediate_data_type=cudnn.data_type.FLOAT,
-                      compute_data_type=cudnn.data_type.FLOAT, handle=handle)
-    X = g.tensor(name="X", dim=list(x.shape), stride=list(x.stride()), data_type=cudnn.data_type.BFLOAT16)
-    W = g.tensor(name="W", dim=list(w.shape), stride=list(w.stride()), data_type=cudnn.data_type.BFLOAT16)
-    Y = g.conv_fprop(image=X, weight=W, padding=[pad, pad], stride=[stride, stride], dilation=[1, 1],
-                     compute_data_type=cudnn.data_type.FLOAT, name="conv")
-    Y.set_output(True).set_data_type(cudnn.data_type.BFLOAT16).set_dim(list(y.shape)).set_stride(list(y.stride()))
-    g.validate()
-    g.build_operation_graph()
+    g, X, W, Y = conv_graph(handle, x, w, y, stride, pad)  # what speed.conv_plans builds
     engines = g.get_engine_count()
 
     rng = random.Random(seed)
@@ -149,7 +148,7 @@ def sweep_shape(cudnn, handle, xs, ws, iters: int, max_per_engine: int, budget: 
         results.append({"engine": eng, "knobs": {str(k): v for k, v in knobs.items()}, "us": us, "err": err,
                         "workspace": need})
     results.sort(key=lambda r: r["us"])
-    flops = 2 * ref.numel() * ws[1] * 9
+    flops = 2 * ref.numel() * fan_in
     return {"input": xs, "weight": ws, "stride": stride, "padding": pad, "torch_us": torch_us,
             "torch_tflops": flops / torch_us / 1e6,
             "engines": engines, "knobs": {str(k): v for k, v in knob_info.items()}, "configs": len(configs),
@@ -178,8 +177,6 @@ def winners(shapes: list[dict], min_gain: float) -> list[dict]:
 
 def merge(ap: argparse.ArgumentParser, files: list[str], out: str, min_gain: float) -> int:
     """Each shape's fastest plan over several runs (one GPU, one cuDNN), written as a plans file."""
-    from ldm.conv_plans import write_plans
-
     best: dict[tuple, dict] = {}
     gpu = None
     for f in files:
@@ -257,7 +254,7 @@ def main() -> int:
     saved = total = 0.0
     for xs, ws, stride, calls in shapes:
         try:
-            r = sweep_shape(cudnn, handle, xs, ws, args.iters, args.max_per_engine, args.budget, args.seed, stride,
+            r = sweep_shape(handle, xs, ws, args.iters, args.max_per_engine, args.budget, args.seed, stride,
                             engines_only)
         except Exception as err:  # noqa: BLE001 - e.g. conv_in's 4 channels: no graph; report and go on
             print(f"x{calls} in {xs} w {ws} s{stride}: no cuDNN graph ({type(err).__name__}: {str(err)[:150]})")
@@ -278,8 +275,6 @@ def main() -> int:
         for b in r["best"][:5]:
             print(f"    {b['us']:6.1f} us  engine {b['engine']:3d}  {b['knobs']}  err {b['err']:.1e}", flush=True)
     if args.write_plans:
-        from ldm.conv_plans import write_plans
-
         n = write_plans(args.write_plans, report["gpu"], report["cudnn"], winners(report["shapes"], args.min_gain))
         print(f"{args.write_plans}: {n} plans")
     report["saved_us_per_unet_call"] = saved

@@ -170,12 +170,13 @@ def _built(x: Tensor, w: Tensor, y: Tensor, stride: int, padding: int, engine: i
     return _plans[key]
 
 
-def _build(x: Tensor, w: Tensor, y: Tensor, stride: int, padding: int, engine: int, knobs: str) -> tuple:
+def conv_graph(handle, x: Tensor, w: Tensor, y: Tensor, stride: int, padding: int) -> tuple:
+    """The cuDNN operation graph of F.conv2d(x, w) into y (fp32 accumulation, the tensors' own layouts), built up to
+    its engines: (graph, X, W, Y). Also bench/cudnn_knobs.py's, which times every engine and knob setting on it."""
     import cudnn  # noqa: PLC0415
 
     dt = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF,
           torch.float32: cudnn.data_type.FLOAT}[x.dtype]  # fmt: skip
-    handle = _handle(x.device.index)
     g = cudnn.pygraph(io_data_type=dt, intermediate_data_type=cudnn.data_type.FLOAT,
                       compute_data_type=cudnn.data_type.FLOAT, handle=handle)  # fmt: skip
     X = g.tensor(name="X", dim=list(x.shape), stride=list(x.stride()), data_type=dt)
@@ -185,6 +186,14 @@ def _build(x: Tensor, w: Tensor, y: Tensor, stride: int, padding: int, engine: i
     Y.set_output(True).set_data_type(dt).set_dim(list(y.shape)).set_stride(list(y.stride()))
     g.validate()
     g.build_operation_graph()
+    return g, X, W, Y
+
+
+def _build(x: Tensor, w: Tensor, y: Tensor, stride: int, padding: int, engine: int, knobs: str) -> tuple:
+    import cudnn  # noqa: PLC0415
+
+    handle = _handle(x.device.index)
+    g, X, W, Y = conv_graph(handle, x, w, y, stride, padding)
     setting = {}
     for item in filter(None, knobs.split(",")):
         name, _, value = item.partition("=")
