@@ -56,6 +56,13 @@ def speed_config(args: argparse.Namespace):
         value = getattr(args, flag.replace("-", "_"))
         _choice(f"--{flag}", value, tuple(tri))
         flags[flag.replace("-", "_")] = tri[value]
+    if args.conv_plans:  # the file read and checked now, before a model loads
+        from ldm.conv_plans import load_plans  # noqa: PLC0415
+
+        try:
+            load_plans(args.conv_plans)
+        except ValueError as e:
+            raise ValueError(f"--conv-plans: {e}") from None
     try:
         return SpeedConfig(attention_kernel=args.attention_kernel, compile=mode, conv_plans=args.conv_plans, **flags)
     except ValueError as e:  # "speed.cuda_graphs: ..." -> "--cuda-graphs: ..."

@@ -59,10 +59,10 @@ def load_plans(path: str | Path) -> tuple[dict, dict[PlanKey, tuple[int, dict[st
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"speed.conv_plans: {path}: no such file (write one with bench/cudnn_knobs.py "
+        raise ValueError(f"{path}: no such file (write one with bench/cudnn_knobs.py "
                          "--write-plans)") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"speed.conv_plans: {path}: not JSON ({e})") from None
+        raise ValueError(f"{path}: not JSON ({e})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{path}: format: expected {FORMAT!r}, got {got!r}")
@@ -120,7 +120,10 @@ def frontend_import_error() -> str | None:
 def require_plans(path: str | Path, device: torch.device) -> dict:
     """The plan table for ``device``, checked eagerly (before any heavy work): the file, the package, the GPU and
     the cuDNN version it was measured with. RuntimeError / ValueError naming what is wrong."""
-    header, table = load_plans(path)
+    try:
+        header, table = load_plans(path)
+    except ValueError as e:
+        raise ValueError(f"speed.conv_plans: {e}") from None
     if torch.device(device).type != "cuda":
         raise ValueError(f"speed.conv_plans: cuDNN plans need a CUDA device, the U-Net is on {device}")
     error = frontend_import_error()

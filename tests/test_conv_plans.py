@@ -90,7 +90,7 @@ def test_speed_config_errors():
 
 
 def test_require_plans_checks_device_and_file(tmp_path):
-    with pytest.raises(ValueError, match="no such file"):
+    with pytest.raises(ValueError, match="speed.conv_plans: .*absent.json: no such file"):
         cp.require_plans(tmp_path / "absent.json", torch.device("cpu"))  # the file first: before any device query
     with pytest.raises(ValueError, match="need a CUDA device, the U-Net is on cpu"):
         cp.require_plans(BUNDLED, torch.device("cpu"))
@@ -179,8 +179,10 @@ def test_speed_cli_flag():
 
     p = argparse.ArgumentParser()
     add_speed_arguments(p)
-    assert speed_config(p.parse_args(["--conv-plans", "x.json"])).conv_plans == "x.json"
+    assert speed_config(p.parse_args(["--conv-plans", str(BUNDLED)])).conv_plans == str(BUNDLED)
     assert speed_config(p.parse_args([])).conv_plans is None
+    with pytest.raises(ValueError, match=r"--conv-plans: x\.json: no such file"):  # checked before a model loads
+        speed_config(p.parse_args(["--conv-plans", "x.json"]))
 
 
 def _bundled_runs() -> str | None:
