@@ -248,6 +248,12 @@ def apply_speed(unet: nn.Module, cfg: SpeedConfig | None = None, *, training: bo
         set_channels_last_grads(unet, True)
     if r.conv_plans:  # the file, the package, the GPU and cuDNN checked here, before any compilation
         set_conv_plans(unet, require_plans(r.conv_plans, device))
+        if not r.cuda_graphs and r.compile != "reduce-overhead":
+            # each planned call goes through the cuDNN frontend on the host: compiled without graphs the SD1.5 CFG
+            # step measured 18.5 ms with plans vs 13.6 ms without (BENCHMARKS.md, thirteenth session)
+            warnings.warn("speed.conv_plans without CUDA graphs: each planned convolution costs host time, so the "
+                          "U-Net step is likely slower than without plans; set speed.cuda_graphs=true (or null, "
+                          "auto) or leave speed.conv_plans unset", RuntimeWarning, stacklevel=2)  # fmt: skip
     if r.channels_last:
         unet.to(memory_format=torch.channels_last)
     if r.compile != "none" and hasattr(unet, "_forward"):

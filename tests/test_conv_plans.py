@@ -161,15 +161,23 @@ def test_apply_speed_switches_the_unet_and_remove_speed_undoes_it(planned_on_cpu
         apply_speed(unet, SpeedConfig(conv_plans=str(BUNDLED)))
     assert not any(type(m) is cp.PlannedConv2d for m in unet.modules()) and getattr(unet, "speed", None) is None
     # as on a GPU (resolve and the file's GPU check stubbed): every plain convolution switched, then switched back
-    resolved = dataclasses.replace(SpeedConfig().resolve("cpu"), conv_plans="plans.json")
+    resolved = dataclasses.replace(SpeedConfig().resolve("cpu"), conv_plans="plans.json", cuda_graphs=True)
     monkeypatch.setattr(SpeedConfig, "resolve", lambda self, device, training=False: resolved)
     seen = []
     monkeypatch.setattr("ldm.speed.require_plans", lambda path, device: seen.append(path) or {})
-    assert apply_speed(unet, SpeedConfig(conv_plans="plans.json")).conv_plans == "plans.json" and seen == ["plans.json"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with CUDA graphs: no warning
+        assert apply_speed(unet, SpeedConfig(conv_plans="plans.json")).conv_plans == "plans.json"
+    assert seen == ["plans.json"]
     n = sum(type(m) is cp.PlannedConv2d for m in unet.modules())
     assert n == sum(isinstance(m, nn.Conv2d) for m in unet.modules()) and n > 0
     remove_speed(unet)
     assert not any(type(m) is cp.PlannedConv2d for m in unet.modules())
+    # without CUDA graphs every planned call costs host time (measured slower): the user is told
+    resolved = dataclasses.replace(resolved, cuda_graphs=False)
+    with pytest.warns(RuntimeWarning, match="speed.conv_plans without CUDA graphs"):
+        apply_speed(unet, SpeedConfig(conv_plans="plans.json"))
+    remove_speed(unet)
 
 
 def test_speed_cli_flag():
