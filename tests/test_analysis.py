@@ -261,9 +261,15 @@ def test_pipeline_teleport_option(tmp_path):
     x_t = randn_per_sample(generators([11]), shape, "cpu", torch.float32) * float((1 + sigmas[0] ** 2) ** 0.5)
     assert steps_seen == []
     assert torch.allclose(full.latents, fit.teleport(x_t, float(sigmas[0]), 0.0), atol=1e-5)
-    half = pipe("a cat", teleport=0.5, teleport_stats=tmp_path / "g.safetensors",
-                callback=lambda st: steps_seen.append(st.i), **kw)  # fmt: skip
-    assert steps_seen == [2, 3] and half.latents.shape == full.latents.shape
+    seen = []
+    half = pipe("a cat", teleport=0.5, teleport_stats=tmp_path / "g.safetensors", callback=seen.append, **kw)
+    assert [st.i for st in seen] == [2, 3] and half.latents.shape == full.latents.shape
+    # the sampler starts from the closed form at sigmas[2], then takes Euler's two steps by hand
+    s = [float(v) for v in sigmas]
+    torch.testing.assert_close(seen[0].x, fit.teleport(x_t, s[0], s[2]).float(), rtol=1e-5, atol=1e-5)
+    x3 = seen[0].x + (seen[0].x - seen[0].denoised) / s[2] * (s[3] - s[2])
+    torch.testing.assert_close(seen[1].x, x3, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(half.latents, x3 + (x3 - seen[1].denoised) / s[3] * (s[4] - s[3]), rtol=1e-5, atol=1e-5)
     assert torch.equal(pipe("a cat", teleport=0.0, **kw).latents, pipe("a cat", **kw).latents)
     with pytest.raises(ValueError, match="teleport_stats"):
         pipe.check("a cat", teleport=0.5, **kw)
