@@ -282,3 +282,10 @@ def set_conv_plans(module: nn.Module, table: dict | None) -> int:
             n += 1
     return n
 
+
+def matching_convs(module: nn.Module, table: dict) -> int:
+    """How many of ``module``'s PlannedConv2d have a plan for their weight (shape, stride, padding, dtype) at some
+    input shape: 0 means the plans file was measured for another model or dtype, and every call runs F.conv2d."""
+    weights = {(k[1], k[2], k[3], k[4]) for k in table}
+    return sum(1 for m in module.modules() if type(m) is PlannedConv2d
+               and (tuple(m.weight.shape), m.stride[0], m.padding[0], m.weight.dtype) in weights)  # fmt: skip

@@ -97,7 +97,7 @@ from .attention_fa4 import require_fa4
 from .config import check_choices, choice
 from .conditioning import Cond
 from .conv_grad import set_channels_last_grads
-from .conv_plans import require_plans, set_conv_plans
+from .conv_plans import matching_convs, require_plans, set_conv_plans
 from .group_norm_triton import TRITON, set_triton_group_norm
 from .norm_nhwc import set_nhwc_group_norm
 from .norms import set_low_precision_norms
@@ -247,7 +247,12 @@ def apply_speed(unet: nn.Module, cfg: SpeedConfig | None = None, *, training: bo
     if r.channels_last_grads:
         set_channels_last_grads(unet, True)
     if r.conv_plans:  # the file, the package, the GPU and cuDNN checked here, before any compilation
-        set_conv_plans(unet, require_plans(r.conv_plans, device))
+        table = require_plans(r.conv_plans, device)
+        if set_conv_plans(unet, table) and not matching_convs(unet, table):
+            warnings.warn(f"speed.conv_plans: {r.conv_plans} has no plan for any convolution of this "
+                          f"{type(unet).__name__} (weight shapes and dtype {first.dtype}): every convolution runs "
+                          "F.conv2d; measure this model with bench/cudnn_knobs.py --write-plans", RuntimeWarning,
+                          stacklevel=2)  # fmt: skip
         if not r.cuda_graphs and r.compile != "reduce-overhead":
             # each planned call goes through the cuDNN frontend on the host: compiled without graphs the SD1.5 CFG
             # step measured 18.5 ms with plans vs 13.6 ms without (BENCHMARKS.md, thirteenth session)

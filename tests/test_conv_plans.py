@@ -163,10 +163,11 @@ def test_apply_speed_switches_the_unet_and_remove_speed_undoes_it(planned_on_cpu
     # as on a GPU (resolve and the file's GPU check stubbed): every plain convolution switched, then switched back
     resolved = dataclasses.replace(SpeedConfig().resolve("cpu"), conv_plans="plans.json", cuda_graphs=True)
     monkeypatch.setattr(SpeedConfig, "resolve", lambda self, device, training=False: resolved)
-    seen = []
-    monkeypatch.setattr("ldm.speed.require_plans", lambda path, device: seen.append(path) or {})
+    seen, conv_in = [], unet.input_blocks[0][0]  # one plan, for conv_in's weight: the file fits this model
+    table = {cp.plan_key((2, 4, 8, 8), conv_in.weight.shape, 1, 1, conv_in.weight.dtype): (72, {"KERNEL_CFG": 1})}
+    monkeypatch.setattr("ldm.speed.require_plans", lambda path, device: seen.append(path) or table)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # with CUDA graphs: no warning
+        warnings.simplefilter("error")  # with CUDA graphs and a matching plan: no warning
         assert apply_speed(unet, SpeedConfig(conv_plans="plans.json")).conv_plans == "plans.json"
     assert seen == ["plans.json"]
     n = sum(type(m) is cp.PlannedConv2d for m in unet.modules())
@@ -178,6 +179,14 @@ def test_apply_speed_switches_the_unet_and_remove_speed_undoes_it(planned_on_cpu
     with pytest.warns(RuntimeWarning, match="speed.conv_plans without CUDA graphs"):
         apply_speed(unet, SpeedConfig(conv_plans="plans.json"))
     remove_speed(unet)
+    # a file for another model (no weight shape of this one) or another dtype: told, not silently F.conv2d
+    resolved = dataclasses.replace(resolved, cuda_graphs=True)
+    for other in ({cp.plan_key((2, 4, 8, 8), (7, 4, 3, 3), 1, 1, torch.float32): (72, {})},
+                  {cp.plan_key((2, 4, 8, 8), conv_in.weight.shape, 1, 1, torch.bfloat16): (72, {})}):
+        table = other
+        with pytest.warns(RuntimeWarning, match="plans.json has no plan for any convolution of this UNet"):
+            apply_speed(unet, SpeedConfig(conv_plans="plans.json"))
+        remove_speed(unet)
 
 
 def test_speed_cli_flag():
