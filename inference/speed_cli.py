@@ -40,8 +40,8 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{flag}", default="auto", metavar="auto|on|off", help=f"{what} (default: %(default)s)")
     g.add_argument("--conv-plans", default=None, metavar="FILE",
                    help="cuDNN convolution kernels measured for this GPU (a plans file of bench/cudnn_knobs.py "
-                        "--write-plans; needs pip install nvidia-cudnn-frontend==1.16.0; CUDA only; faster only with CUDA "
-                        "graphs, which are on by default; default: off)")
+                        "--write-plans; needs pip install nvidia-cudnn-frontend==1.16.0; CUDA only; faster only with "
+                        "CUDA graphs, which are on by default; default: off)")
 
 
 def speed_config(args: argparse.Namespace):
