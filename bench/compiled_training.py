@@ -6,7 +6,7 @@ the same noise; the script compares their logs/metrics.jsonl step by step:
 - step 1's loss and grad norm (the same weights and inputs: only the kernels' summation order differs);
 - every step's loss, and the last steps' mean (the runs drift apart as differences compound).
 
-    python bench/compiled_training.py --out $OUT/compiled_training.json          # CUDA; ~1 min per compiled run
+    python bench/compiled_training.py --out $OUT/compiled_training.json     # H200: ~2 min per compiled run
     python bench/compiled_training.py --setups lora --modes none,default --steps 10
 
 Accepted (``ok``) when step 1's loss and grad norm agree within 1e-3 relative and the last 10 steps' mean loss
