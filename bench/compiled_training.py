@@ -27,16 +27,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["validation.every=0", "validation.prompts=[]", "checkpoint_every=100000", "log_every=1", "ema=null",
-          "data.num_workers=0", "mixed_precision=no", "seed=0"]  # fmt: skip
+COMMON = ["shapes.rows=256", "batch_size=16", "validation.every=0", "validation.prompts=[]", "checkpoint_every=100000",
+          "log_every=1", "ema=null", "data.num_workers=0", "mixed_precision=no", "seed=0"]  # fmt: skip
 # every setup starts from the embedded default model (trained): a random tiny U-Net's output convolution starts at
 # zero, so its first loss is the same whatever the kernels, and LoRA adapters behind it get no gradient at all
-BASE = ["configs/train/tiny.yaml", "model.source=inference/default_model", "shapes.rows=256", "batch_size=16",
-        "train_text_encoder=false"]  # fmt: skip
+BASE = ["configs/train/tiny.yaml", "model.source=inference/default_model", "train_text_encoder=false"]
 SETUPS = {
     "full": BASE,
     "lora": [*BASE, "train_unet=false", "lora.rank=8", "optim.lr=1.0e-3"],
-    "controlnet": ["configs/train/shapes-controlnet.yaml", "shapes.rows=256", "batch_size=16"],
+    "controlnet": ["configs/train/shapes-controlnet.yaml"],
 }  # fmt: skip
 MODES = ("none", "default", "reduce-overhead")
 

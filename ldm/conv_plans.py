@@ -286,6 +286,6 @@ def set_conv_plans(module: nn.Module, table: dict | None) -> int:
 def matching_convs(module: nn.Module, table: dict) -> int:
     """How many of ``module``'s PlannedConv2d have a plan for their weight (shape, stride, padding, dtype) at some
     input shape: 0 means the plans file was measured for another model or dtype, and every call runs F.conv2d."""
-    weights = {(k[1], k[2], k[3], k[4]) for k in table}
+    weights = {k[1:] for k in table}  # plan keys without their input shape
     return sum(1 for m in module.modules() if type(m) is PlannedConv2d
-               and (tuple(m.weight.shape), m.stride[0], m.padding[0], m.weight.dtype) in weights)  # fmt: skip
+               and plan_key((), m.weight.shape, m.stride[0], m.padding[0], m.weight.dtype)[1:] in weights)  # fmt: skip
